@@ -1,0 +1,7 @@
+//! The telemesh edge agent: device-facing MQTT ingest and the durable LMDB buffer.
+
+pub mod buffer;
+pub mod metrics;
+
+pub use buffer::{Buffer, BufferOptions, Incoming, Overflow, SyncMode};
+pub use metrics::{EdgeMetrics, EdgeSnapshot};

@@ -1,0 +1,125 @@
+//! The agent's counters. Plain atomics, updated by the writer and the tap, read by anyone
+//! (the metrics endpoint, tests, the demo).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use telemesh_proto::GapReason;
+
+/// Counters of one edge agent.
+#[derive(Debug, Default)]
+pub struct EdgeMetrics {
+    /// Events taken in from devices (stored or not).
+    pub events_in: AtomicU64,
+    /// Topic and payload bytes taken in from devices.
+    pub bytes_in: AtomicU64,
+    /// Events in the buffer now (committed).
+    pub buffer_events: AtomicU64,
+    /// Bytes the buffer's events account for now (committed).
+    pub buffer_bytes: AtomicU64,
+    /// The buffer's `max_bytes`.
+    pub buffer_max_bytes: AtomicU64,
+    /// LMDB write transactions committed.
+    pub commits: AtomicU64,
+    /// Syncs to disk: commits with `sync = always`, forced syncs otherwise.
+    pub fsyncs: AtomicU64,
+    /// Events dropped because drop-oldest evicted them.
+    pub drops_evicted: AtomicU64,
+    /// Events refused because the buffer was full.
+    pub drops_refused: AtomicU64,
+    /// Events the embedded broker skipped (reader overrun).
+    pub drops_overrun: AtomicU64,
+    /// Events lost because the disk failed or the map stayed full.
+    pub drops_storage: AtomicU64,
+    /// Edge receive time (µs) of the oldest event in the buffer; 0 when empty.
+    pub oldest_event_us: AtomicU64,
+    /// Write failures (commit errors); the writer stops writing after the first.
+    pub write_errors: AtomicU64,
+}
+
+/// A consistent-enough copy of the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EdgeSnapshot {
+    /// See [`EdgeMetrics::events_in`].
+    pub events_in: u64,
+    /// See [`EdgeMetrics::bytes_in`].
+    pub bytes_in: u64,
+    /// See [`EdgeMetrics::buffer_events`].
+    pub buffer_events: u64,
+    /// See [`EdgeMetrics::buffer_bytes`].
+    pub buffer_bytes: u64,
+    /// See [`EdgeMetrics::buffer_max_bytes`].
+    pub buffer_max_bytes: u64,
+    /// See [`EdgeMetrics::commits`].
+    pub commits: u64,
+    /// See [`EdgeMetrics::fsyncs`].
+    pub fsyncs: u64,
+    /// See [`EdgeMetrics::drops_evicted`].
+    pub drops_evicted: u64,
+    /// See [`EdgeMetrics::drops_refused`].
+    pub drops_refused: u64,
+    /// See [`EdgeMetrics::drops_overrun`].
+    pub drops_overrun: u64,
+    /// See [`EdgeMetrics::drops_storage`].
+    pub drops_storage: u64,
+    /// See [`EdgeMetrics::oldest_event_us`].
+    pub oldest_event_us: u64,
+    /// See [`EdgeMetrics::write_errors`].
+    pub write_errors: u64,
+}
+
+impl EdgeMetrics {
+    /// Counts `n` events lost for `reason`.
+    pub fn count_drop(&self, reason: GapReason, n: u64) {
+        let counter = match reason {
+            GapReason::Evicted => &self.drops_evicted,
+            GapReason::Refused => &self.drops_refused,
+            GapReason::Overrun => &self.drops_overrun,
+            GapReason::StorageFailed | GapReason::Retention => &self.drops_storage,
+        };
+        counter.fetch_add(n, Relaxed);
+    }
+
+    /// Copies every counter.
+    pub fn snapshot(&self) -> EdgeSnapshot {
+        EdgeSnapshot {
+            events_in: self.events_in.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            buffer_events: self.buffer_events.load(Relaxed),
+            buffer_bytes: self.buffer_bytes.load(Relaxed),
+            buffer_max_bytes: self.buffer_max_bytes.load(Relaxed),
+            commits: self.commits.load(Relaxed),
+            fsyncs: self.fsyncs.load(Relaxed),
+            drops_evicted: self.drops_evicted.load(Relaxed),
+            drops_refused: self.drops_refused.load(Relaxed),
+            drops_overrun: self.drops_overrun.load(Relaxed),
+            drops_storage: self.drops_storage.load(Relaxed),
+            oldest_event_us: self.oldest_event_us.load(Relaxed),
+            write_errors: self.write_errors.load(Relaxed),
+        }
+    }
+}
+
+impl EdgeSnapshot {
+    /// All events dropped, for any reason.
+    pub fn drops(&self) -> u64 {
+        self.drops_evicted + self.drops_refused + self.drops_overrun + self.drops_storage
+    }
+
+    /// Buffer utilization, 0.0 to 1.0.
+    pub fn utilization(&self) -> f64 {
+        if self.buffer_max_bytes == 0 {
+            0.0
+        } else {
+            self.buffer_bytes as f64 / self.buffer_max_bytes as f64
+        }
+    }
+
+    /// Age of the oldest unacknowledged event at `now_us`, in microseconds (0 when empty).
+    pub fn oldest_age_us(&self, now_us: u64) -> u64 {
+        if self.oldest_event_us == 0 {
+            0
+        } else {
+            now_us.saturating_sub(self.oldest_event_us)
+        }
+    }
+}
