@@ -1,8 +1,11 @@
 //! The `telemesh` command line: one binary for every role. Only argument parsing and process
 //! set-up live here; each role's work lives in its crate.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use telemesh_edge::{Agent, EdgeConfig};
 
 /// IoT edge-to-cloud event mesh.
 #[derive(Debug, Parser)]
@@ -23,13 +26,48 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an edge agent: the site's MQTT broker and durable buffer.
+    Edge {
+        /// The agent's config file (edge.toml).
+        #[arg(long, required_unless_present = "print_default_config")]
+        config: Option<PathBuf>,
+        /// Print a commented default config and exit.
+        #[arg(long)]
+        print_default_config: bool,
+    },
     /// Print the wire protocol's version and error codes.
     Protocol,
 }
 
+/// Waits for SIGTERM or SIGINT.
+fn wait_for_stop_signal() -> Result<&'static str> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("cannot watch SIGINT"),
+        }
+    })
+}
+
+fn run_edge(config: &std::path::Path) -> Result<()> {
+    let cfg = EdgeConfig::load(config).with_context(|| format!("config {}", config.display()))?;
+    let agent = Agent::start(&cfg).context("cannot start the edge agent")?;
+    let signal = wait_for_stop_signal()?;
+    tracing::info!(signal, "stopping: committing what was taken in");
+    agent.shutdown().context("clean stop failed")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -43,6 +81,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Edge {
+            print_default_config: true,
+            ..
+        } => print!("{}", EdgeConfig::default_toml()),
+        Command::Edge {
+            config: Some(config),
+            ..
+        } => run_edge(&config)?,
+        Command::Edge { config: None, .. } => anyhow::bail!("--config is required"),
         Command::Protocol => {
             println!(
                 "telemesh/{} (ALPN {})",

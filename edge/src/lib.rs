@@ -5,3 +5,8 @@ pub mod metrics;
 
 pub use buffer::{Buffer, BufferOptions, Incoming, Overflow, SyncMode};
 pub use metrics::{EdgeMetrics, EdgeSnapshot};
+pub mod agent;
+pub mod config;
+
+pub use agent::{Agent, AgentError};
+pub use config::EdgeConfig;

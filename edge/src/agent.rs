@@ -1,0 +1,249 @@
+//! The running agent: the embedded rumqttd broker, the tap that copies every publish into
+//! the buffer, and the buffer itself.
+//!
+//! The tap subscribes to `#` through rumqttd's in-process link and hands every publish to
+//! the buffer's writer through its bounded queue.
+//!
+//! Known limit: rumqttd keeps each topic's messages only in memory and skips ahead when a
+//! reader falls further behind than `segment_bytes × segments`. The offsets rumqttd attaches
+//! to forwarded messages do not identify skipped messages reliably (they jump without any
+//! loss), so the tap does not yet detect such overruns; size the segments generously.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkError, LinkRx};
+use rumqttd::{Broker, Notification};
+use telemesh_proto::{GapReason, Headers};
+use tracing::{error, info, warn};
+
+use crate::buffer::{now_us, Buffer, BufferError, Handle, Incoming, Reader};
+use crate::config::EdgeConfig;
+use crate::metrics::EdgeMetrics;
+
+/// Errors starting or stopping the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The buffer failed.
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    /// The MQTT port cannot be bound.
+    #[error("mqtt.listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The embedded broker refused its set-up.
+    #[error("embedded broker: {0}")]
+    Broker(String),
+}
+
+/// A running edge agent.
+#[derive(Debug)]
+pub struct Agent {
+    buffer: Buffer,
+    stop: Arc<AtomicBool>,
+    tap: Option<JoinHandle<()>>,
+}
+
+fn broker_config(cfg: &EdgeConfig) -> rumqttd::Config {
+    let m = &cfg.mqtt;
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: m.connect_timeout.as_millis() as u16,
+        max_payload_size: m.max_payload.as_u64() as usize,
+        max_inflight_count: m.max_inflight,
+        auth: m.users.clone(),
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let tls = m.tls.as_ref().map(|t| rumqttd::TlsConfig::Rustls {
+        capath: t.ca.as_ref().map(|p| p.display().to_string()),
+        certpath: t.cert.display().to_string(),
+        keypath: t.key.display().to_string(),
+    });
+    let server = |name: &str, listen: SocketAddr| rumqttd::ServerSettings {
+        name: name.to_owned(),
+        listen,
+        tls: tls.clone(),
+        next_connection_delay_ms: 0,
+        connections: connections.clone(),
+    };
+    let mut v4 = HashMap::new();
+    v4.insert("v4".to_owned(), server("v4", m.listen));
+    let v5 = m.listen_v5.map(|addr| {
+        let mut v5 = HashMap::new();
+        v5.insert("v5".to_owned(), server("v5", addr));
+        v5
+    });
+    rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: m.max_connections + 1,
+            max_outgoing_packet_count: 4096,
+            max_segment_size: m.segment_bytes.as_u64() as usize,
+            max_segment_count: m.segments,
+            ..Default::default()
+        },
+        v4: Some(v4),
+        v5,
+        ..Default::default()
+    }
+}
+
+impl Agent {
+    /// Opens the buffer, starts the broker and the tap.
+    pub fn start(cfg: &EdgeConfig) -> Result<Agent, AgentError> {
+        let metrics = Arc::new(EdgeMetrics::default());
+        // Bind once ourselves so that a taken port is a clear error (rumqttd only logs it).
+        for addr in std::iter::once(cfg.mqtt.listen).chain(cfg.mqtt.listen_v5) {
+            TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?;
+        }
+        let buffer = Buffer::open(
+            &cfg.agent.data_dir.join("buffer"),
+            &cfg.agent.id,
+            cfg.buffer_options(),
+            metrics,
+        )?;
+        let mut broker = Broker::new(broker_config(cfg));
+        let tap_id = format!("telemesh-tap-{:016x}", rand::random::<u64>());
+        let (mut link_tx, link_rx) = broker
+            .link(&tap_id)
+            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        link_tx
+            .subscribe("#")
+            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("mqtt-broker".into())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    error!(error = %e, "embedded broker stopped");
+                }
+            })
+            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let tap = Tap {
+            handle: buffer.handle(),
+        };
+        let tap_stop = stop.clone();
+        let tap = std::thread::Builder::new()
+            .name("mqtt-tap".into())
+            .spawn(move || {
+                // Keep the link's sender alive as long as the tap runs.
+                let _link_tx = link_tx;
+                tap.run(link_rx, &tap_stop)
+            })
+            .map_err(|e| AgentError::Broker(e.to_string()))?;
+        info!(
+            id = %cfg.agent.id,
+            listen = %cfg.mqtt.listen,
+            epoch = buffer.epoch(),
+            "edge agent running"
+        );
+        Ok(Agent {
+            buffer,
+            stop,
+            tap: Some(tap),
+        })
+    }
+
+    /// The buffer's epoch for this run.
+    pub fn epoch(&self) -> u64 {
+        self.buffer.epoch()
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<EdgeMetrics> {
+        self.buffer.metrics()
+    }
+
+    /// A reader of the committed buffer.
+    pub fn reader(&self) -> Reader {
+        self.buffer.reader()
+    }
+
+    /// A sender into the buffer.
+    pub fn handle(&self) -> Handle {
+        self.buffer.handle()
+    }
+
+    /// Clean stop: stops tapping, commits what was taken, marks the buffer clean. The
+    /// broker's port stays bound until the process exits (rumqttd cannot be stopped).
+    pub fn shutdown(mut self) -> Result<(), AgentError> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(tap) = self.tap.take() {
+            let _ = tap.join();
+        }
+        self.buffer.close()?;
+        Ok(())
+    }
+}
+
+struct Tap {
+    handle: Handle,
+}
+
+impl Tap {
+    fn run(self, mut rx: LinkRx, stop: &AtomicBool) {
+        let _span = tracing::info_span!("mqtt_tap").entered();
+        while !stop.load(Ordering::SeqCst) {
+            let deadline = Instant::now() + Duration::from_millis(100);
+            match rx.recv_deadline(deadline) {
+                Ok(Some(Notification::Forward(f))) => {
+                    if self.forward(f).is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(Notification::Unschedule)) => {
+                    if let Err(e) = rx.ready() {
+                        error!(error = %e, "broker link closed");
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
+                Err(e) => {
+                    error!(error = %e, "broker link closed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn forward(&self, f: rumqttd::Forward) -> Result<(), BufferError> {
+        let publish = f.publish;
+        let topic = match String::from_utf8(publish.topic.to_vec()) {
+            Ok(t) => t,
+            Err(_) => {
+                // rumqttd validates UTF-8 topics; this cannot come from a device.
+                warn!("publish with a non-UTF-8 topic from the broker: dropped");
+                return self.handle.lost(1, GapReason::Refused);
+            }
+        };
+        let headers = f.properties.and_then(|p| {
+            let traceparent = p
+                .user_properties
+                .iter()
+                .find(|(k, _)| k == "traceparent")
+                .map(|(_, v)| v.clone());
+            let h = Headers {
+                user_properties: p.user_properties,
+                content_type: p.content_type,
+                traceparent,
+            };
+            (!h.is_empty()).then(|| Box::new(h))
+        });
+        self.handle.append(Incoming {
+            topic,
+            payload: publish.payload.to_vec(),
+            ts_us: now_us(),
+            qos: 0,
+            headers,
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! `edge.toml`: the agent's configuration. Unknown keys are errors that name the key;
+//! [`EdgeConfig::validate`] turns impossible values into errors that name the key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::{BufferOptions, Overflow, SyncMode};
+
+/// The whole `edge.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Who the agent is and where it keeps its data.
+    pub agent: AgentSection,
+    /// The embedded MQTT broker devices publish to.
+    #[serde(default)]
+    pub mqtt: MqttSection,
+    /// The durable buffer.
+    #[serde(default)]
+    pub buffer: BufferSection,
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// The origin id of every event; must match the uplink certificate's name.
+    pub id: String,
+    /// Where the buffer lives (`data_dir/buffer`).
+    pub data_dir: PathBuf,
+}
+
+/// `[mqtt]`: the embedded rumqttd broker (MQTT 3.1.1 and 5 on one port).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    /// Address devices connect to with MQTT 3.1.1.
+    pub listen: SocketAddr,
+    /// Address devices connect to with MQTT 5 (optional; rumqttd serves each version on its
+    /// own port).
+    pub listen_v5: Option<SocketAddr>,
+    /// Optional TLS: certificate and key in PEM; `ca` to require client certificates.
+    pub tls: Option<TlsFiles>,
+    /// Optional username → password; when set, every client must log in.
+    pub users: Option<HashMap<String, String>>,
+    /// Size of one in-memory segment of a topic's log in the broker.
+    pub segment_bytes: ByteSize,
+    /// Segments the broker keeps per topic; a reader further behind loses events (counted
+    /// as an overrun and recorded as a gap).
+    pub segments: usize,
+    /// Largest payload a device may publish.
+    pub max_payload: ByteSize,
+    /// Most concurrent device connections.
+    pub max_connections: usize,
+    /// How long a new connection may take to send CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// QoS 1/2 messages in flight per connection.
+    pub max_inflight: usize,
+}
+
+/// PEM files for a TLS listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The server certificate chain.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+    /// A CA to verify client certificates against (optional).
+    pub ca: Option<PathBuf>,
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        MqttSection {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen_v5: None,
+            tls: None,
+            users: None,
+            segment_bytes: ByteSize::mib(16),
+            segments: 4,
+            max_payload: ByteSize::kib(256),
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            max_inflight: 100,
+        }
+    }
+}
+
+/// `[buffer]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferSection {
+    /// The most bytes buffered events may take; at most 80% of `map_size`.
+    pub max_bytes: ByteSize,
+    /// LMDB's map size: the largest the buffer file may grow.
+    pub map_size: ByteSize,
+    /// `drop-oldest`, `drop-newest` or `block`.
+    pub overflow: Overflow,
+    /// The longest an event may wait for its commit.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// `always`, `interval` or `none`.
+    pub sync: SyncMode,
+    /// With `sync = "interval"`: how often to sync.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+}
+
+impl Default for BufferSection {
+    fn default() -> Self {
+        let o = BufferOptions::default();
+        BufferSection {
+            max_bytes: ByteSize::b(o.max_bytes),
+            map_size: ByteSize::b(o.map_size),
+            overflow: o.overflow,
+            commit_interval: o.commit_interval,
+            sync: o.sync,
+            sync_interval: o.sync_interval,
+        }
+    }
+}
+
+/// A config that cannot work, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not fit the schema (unknown key, wrong type…).
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is impossible.
+    #[error("{key}: {why}")]
+    Invalid {
+        /// The key, as `section.key`.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
+impl EdgeConfig {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: EdgeConfig = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks every value that parses but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let id = &self.agent.id;
+        if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(invalid(
+                "agent.id",
+                "must be 1 to 255 characters, without '/' or control characters",
+            ));
+        }
+        let b = &self.buffer;
+        if b.max_bytes.as_u64() == 0 {
+            return Err(invalid("buffer.max_bytes", "must be above 0"));
+        }
+        if b.max_bytes.as_u64() > b.map_size.as_u64() / 10 * 8 {
+            return Err(invalid(
+                "buffer.max_bytes",
+                format!(
+                    "{} is more than 80% of buffer.map_size ({}): deletes need room too",
+                    b.max_bytes, b.map_size
+                ),
+            ));
+        }
+        if b.map_size.as_u64() < 1 << 20 {
+            return Err(invalid("buffer.map_size", "must be at least 1MiB"));
+        }
+        if b.commit_interval.is_zero() {
+            return Err(invalid("buffer.commit_interval", "must be above 0"));
+        }
+        if b.sync == SyncMode::Interval && b.sync_interval.is_zero() {
+            return Err(invalid("buffer.sync_interval", "must be above 0"));
+        }
+        let m = &self.mqtt;
+        if m.segments == 0 {
+            return Err(invalid("mqtt.segments", "must be at least 1"));
+        }
+        if m.segment_bytes.as_u64() < m.max_payload.as_u64() {
+            return Err(invalid(
+                "mqtt.segment_bytes",
+                "must be at least mqtt.max_payload, or large publishes would be skipped",
+            ));
+        }
+        if m.max_payload.as_u64() == 0 || m.max_payload.as_u64() > 256 * 1024 * 1024 {
+            return Err(invalid("mqtt.max_payload", "must be between 1B and 256MiB"));
+        }
+        if m.connect_timeout.as_millis() == 0 || m.connect_timeout.as_millis() > u16::MAX as u128 {
+            return Err(invalid(
+                "mqtt.connect_timeout",
+                "must be between 1ms and 65s",
+            ));
+        }
+        if m.max_connections == 0 {
+            return Err(invalid("mqtt.max_connections", "must be at least 1"));
+        }
+        if m.max_inflight == 0 || m.max_inflight > u16::MAX as usize {
+            return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
+        }
+        if let Some(tls) = &m.tls {
+            for (key, path) in [("mqtt.tls.cert", &tls.cert), ("mqtt.tls.key", &tls.key)] {
+                if !path.exists() {
+                    return Err(invalid(key, format!("{} does not exist", path.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The buffer options this config asks for.
+    pub fn buffer_options(&self) -> BufferOptions {
+        let b = &self.buffer;
+        BufferOptions {
+            max_bytes: b.max_bytes.as_u64(),
+            map_size: b.map_size.as_u64(),
+            overflow: b.overflow,
+            sync: b.sync,
+            sync_interval: b.sync_interval,
+            commit_interval: b.commit_interval,
+            ..BufferOptions::default()
+        }
+    }
+
+    /// The commented default configuration.
+    pub fn default_toml() -> &'static str {
+        DEFAULT_TOML
+    }
+}
+
+const DEFAULT_TOML: &str = r#"# telemesh edge agent
+[agent]
+id = "site-a-gw-1"                 # origin id of every event; the uplink certificate's name
+data_dir = "/var/lib/telemesh/edge" # the buffer lives in data_dir/buffer
+
+[mqtt]                             # embedded broker, MQTT 3.1.1 and 5
+listen = "0.0.0.0:1883"             # MQTT 3.1.1
+# listen_v5 = "0.0.0.0:1885"       # MQTT 5, on its own port
+# tls = { cert = "certs/gw.pem", key = "certs/gw.key" }  # add ca = "..." to require client certs
+# users = { "dev1" = "secret" }    # when set, every client must log in
+segment_bytes = "16MiB"            # broker memory per topic = segment_bytes x segments
+segments = 4                       # a tap further behind than this loses events (counted, gap recorded)
+max_payload = "256KiB"
+max_connections = 10000
+connect_timeout = "5s"
+max_inflight = 100
+
+[buffer]
+max_bytes = "1GiB"                 # at most 80% of map_size
+map_size = "2GiB"
+overflow = "drop-oldest"           # or "drop-newest", or "block"
+commit_interval = "5ms"            # longest wait; commits happen as soon as the writer is free
+sync = "always"                    # or "interval" (with sync_interval), or "none"
+sync_interval = "100ms"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_and_validates() {
+        let cfg = EdgeConfig::from_toml(DEFAULT_TOML).unwrap();
+        assert_eq!(cfg.agent.id, "site-a-gw-1");
+        assert_eq!(cfg.buffer.max_bytes, ByteSize::gib(1));
+        assert_eq!(cfg.buffer.commit_interval, Duration::from_millis(5));
+        assert_eq!(cfg.buffer.overflow, Overflow::DropOldest);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let text = DEFAULT_TOML.replace("segments = 4", "segmnets = 4");
+        let err = EdgeConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("segmnets"), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_name_their_key() {
+        let text = DEFAULT_TOML.replace("max_bytes = \"1GiB\"", "max_bytes = \"1900MiB\"");
+        let err = EdgeConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("buffer.max_bytes:"), "{err}");
+        let text = DEFAULT_TOML.replace("id = \"site-a-gw-1\"", "id = \"a/b\"");
+        let err = EdgeConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.starts_with("agent.id:"), "{err}");
+        let text = DEFAULT_TOML.replace("\"drop-oldest\"", "\"drop-some\"");
+        let err = EdgeConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("drop-some"), "{err}");
+    }
+}
