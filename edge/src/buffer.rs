@@ -1086,3 +1086,65 @@ impl Writer {
         Ok(())
     }
 }
+
+/// What a buffer directory holds, read without a writer (another process may be running it).
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// The committed bookkeeping.
+    pub state: BufferState,
+    /// True when the last run stopped cleanly.
+    pub clean: bool,
+    /// Every event, in order.
+    pub events: Vec<Stored>,
+    /// Every gap record.
+    pub gaps: Vec<StoredGap>,
+}
+
+/// Reads a buffer directory read-only: for operators' tools and tests.
+pub fn inspect(dir: &Path, map_size: u64) -> Result<Inspection, BufferError> {
+    let mut options = EnvOpenOptions::new().read_txn_without_tls();
+    options.map_size(map_size as usize).max_dbs(4);
+    // SAFETY: READ_ONLY never writes; LMDB's lock file coordinates with a running writer.
+    unsafe {
+        options.flags(EnvFlags::READ_ONLY);
+    }
+    // SAFETY: as in `Buffer::open`.
+    let env = unsafe { options.open(dir) }?;
+    let rtxn = env.read_txn()?;
+    let (events, gaps, meta) = env
+        .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_, BufferError> {
+            let open = |name: &str| -> Result<Database<Bytes, Bytes>, BufferError> {
+                dbo.open_database(rtxn, Some(name))?
+                    .ok_or_else(|| BufferError::Corrupt(format!("database {name} missing")))
+            };
+            Ok(CommitOrAbort::<_, ()>::Commit((
+                open("events")?,
+                open("gaps")?,
+                open("meta")?,
+            )))
+        })?
+        .unwrap_commit();
+    let shared = Arc::new(Shared {
+        env,
+        events,
+        gaps,
+        meta,
+        metrics: Arc::new(EdgeMetrics::default()),
+    });
+    let reader = Reader {
+        shared: shared.clone(),
+    };
+    let clean = {
+        let rtxn = shared.env.read_txn()?;
+        match shared.meta.get(&rtxn, META_KEY)? {
+            Some(b) => decode::<Meta>(b, "meta")?.mark == RunMark::Clean,
+            None => return Err(BufferError::Corrupt("meta record missing".into())),
+        }
+    };
+    Ok(Inspection {
+        state: reader.state()?,
+        clean,
+        events: reader.read(None, usize::MAX)?,
+        gaps: reader.gaps()?,
+    })
+}
