@@ -7,165 +7,33 @@
 //! - The uncommitted window (events rumqttd PUBACKed that the buffer never stored) is measured
 //!   and printed: rumqttd acknowledges from memory, so this port does not promise durability.
 
+mod common;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use telemesh_edge::buffer::{inspect, Inspection};
-
-const MAP_SIZE: u64 = 256 << 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn write_config(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("edge.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[agent]
-id = "gw-crash"
-data_dir = "{}"
-[mqtt]
-listen = "127.0.0.1:{port}"
-[buffer]
-max_bytes = "128MiB"
-map_size = "256MiB"
-sync = "always"
-"#,
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn spawn_agent(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_telemesh"))
-        .args(["edge", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    wait_for("the agent's MQTT port", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(addr).is_ok()
-    });
-}
-
-fn buffer_dir(dir: &Path) -> PathBuf {
-    dir.join("data").join("buffer")
-}
-
-fn look(dir: &Path) -> Inspection {
-    inspect(&buffer_dir(dir), MAP_SIZE).unwrap()
-}
-
-fn payloads(events: &[telemesh_edge::buffer::Stored], epoch: u64) -> Vec<u64> {
-    events
-        .iter()
-        .filter(|s| s.epoch == epoch)
-        .map(|s| {
-            std::str::from_utf8(&s.event.payload)
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
-        .collect()
-}
-
-/// Publishes QoS 1 messages numbered from `first` until `stop` says so or `count` are acked;
-/// returns the numbers PUBACKed.
-fn publish(addr: SocketAddr, client: &str, first: u64, count: u64) -> Vec<u64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut opts = MqttOptions::new(client, addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_clean_session(true);
-        let (cli, mut ev) = AsyncClient::new(opts, 100);
-        tokio::spawn(async move {
-            for n in first..first + count {
-                if cli
-                    .publish("site/crash/t", QoS::AtLeastOnce, false, n.to_string())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        // PUBACKs come in publish order on one connection: ack k is for message first + k.
-        let mut acked = Vec::new();
-        while (acked.len() as u64) < count {
-            match ev.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acked.push(first + acked.len() as u64),
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        acked
-    })
-}
-
-fn sigterm(child: &mut Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "clean stop exits 0, got {status}");
-            return;
-        }
-        assert!(Instant::now() < until, "agent did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::*;
 
 #[test]
 fn kill_dash_nine_keeps_committed_events_and_starts_a_new_epoch() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let config = write_config(dir.path(), port);
+    let config = write_config(dir.path(), port, "");
 
     // Run 1: publish flat out from a thread; kill -9 once enough is committed.
     let mut agent = spawn_agent(&config);
     wait_listening(addr);
-    let publisher = std::thread::spawn(move || publish(addr, "dev-crash", 0, 2_000_000));
+    let publisher =
+        std::thread::spawn(move || publish(addr, "dev-crash", QoS::AtLeastOnce, 0, 2_000_000));
     let mut committed_before_kill = Vec::new();
     wait_for("20k committed events", Duration::from_secs(60), || {
         let seen = look(dir.path());
         committed_before_kill = payloads(&seen.events, seen.state.epoch);
         committed_before_kill.len() >= 20_000
     });
-    agent.kill().unwrap(); // SIGKILL
-    agent.wait().unwrap();
+    agent.kill9();
     let acked = publisher.join().unwrap();
 
     let after = look(dir.path());
@@ -199,12 +67,12 @@ fn kill_dash_nine_keeps_committed_events_and_starts_a_new_epoch() {
     // Run 2: an unclean start gets a later epoch; seqs restart at 1; old events are kept.
     let mut agent = spawn_agent(&config);
     wait_listening(addr);
-    let acked2 = publish(addr, "dev-crash-2", 10_000_000, 100);
+    let acked2 = publish(addr, "dev-crash-2", QoS::AtLeastOnce, 10_000_000, 100);
     assert_eq!(acked2.len(), 100);
     wait_for("run 2's events committed", Duration::from_secs(30), || {
         look(dir.path()).state.events >= stored.len() as u64 + 100
     });
-    sigterm(&mut agent);
+    agent.sigterm();
     let run2 = look(dir.path());
     assert!(run2.clean, "SIGTERM marks the buffer clean");
     let epoch2 = run2.state.epoch;
@@ -224,11 +92,14 @@ fn kill_dash_nine_keeps_committed_events_and_starts_a_new_epoch() {
     // Run 3: after a clean stop the epoch is kept and seqs continue.
     let mut agent = spawn_agent(&config);
     wait_listening(addr);
-    assert_eq!(publish(addr, "dev-crash-3", 20_000_000, 10).len(), 10);
+    assert_eq!(
+        publish(addr, "dev-crash-3", QoS::AtLeastOnce, 20_000_000, 10).len(),
+        10
+    );
     wait_for("run 3's events committed", Duration::from_secs(30), || {
         look(dir.path()).state.events >= stored.len() as u64 + 110
     });
-    sigterm(&mut agent);
+    agent.sigterm();
     let run3 = look(dir.path());
     assert_eq!(run3.state.epoch, epoch2, "a clean stop keeps the epoch");
     let seqs: Vec<u64> = run3

@@ -2,12 +2,15 @@
 //! the buffer, and the buffer itself.
 //!
 //! The tap subscribes to `#` through rumqttd's in-process link and hands every publish to
-//! the buffer's writer through its bounded queue.
+//! the buffer's writer through its bounded queue (a full queue blocks the tap).
 //!
-//! Known limit: rumqttd keeps each topic's messages only in memory and skips ahead when a
-//! reader falls further behind than `segment_bytes × segments`. The offsets rumqttd attaches
-//! to forwarded messages do not identify skipped messages reliably (they jump without any
-//! loss), so the tap does not yet detect such overruns; size the segments generously.
+//! Overruns: rumqttd appends every publish to one in-memory log per subscription filter —
+//! for the tap, the log of `#`, created by the tap's subscription before any device can
+//! connect, so its offsets start at 0 — and keeps at most `segment_bytes × segments` of it.
+//! A reader that falls further behind is moved ahead silently. Every forwarded message
+//! carries its absolute offset in that log, so the tap detects a skip exactly: an offset
+//! beyond the next one expected means the broker dropped the messages in between. They are
+//! recorded as an `overrun` gap of exactly that many events and counted — never silent.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -129,6 +132,7 @@ impl Agent {
         let stop = Arc::new(AtomicBool::new(false));
         let tap = Tap {
             handle: buffer.handle(),
+            next_offset: 0,
         };
         let tap_stop = stop.clone();
         let tap = std::thread::Builder::new()
@@ -186,10 +190,12 @@ impl Agent {
 
 struct Tap {
     handle: Handle,
+    /// The offset in the broker's `#` log that the next forwarded message should have.
+    next_offset: u64,
 }
 
 impl Tap {
-    fn run(self, mut rx: LinkRx, stop: &AtomicBool) {
+    fn run(mut self, mut rx: LinkRx, stop: &AtomicBool) {
         let _span = tracing::info_span!("mqtt_tap").entered();
         while !stop.load(Ordering::SeqCst) {
             let deadline = Instant::now() + Duration::from_millis(100);
@@ -215,8 +221,19 @@ impl Tap {
         }
     }
 
-    fn forward(&self, f: rumqttd::Forward) -> Result<(), BufferError> {
+    fn forward(&mut self, f: rumqttd::Forward) -> Result<(), BufferError> {
         let publish = f.publish;
+        if let Some((_, offset)) = f.cursor {
+            if offset > self.next_offset {
+                let lost = offset - self.next_offset;
+                warn!(
+                    lost,
+                    "broker overrun: the tap fell behind and the broker skipped events"
+                );
+                self.handle.lost(lost, GapReason::Overrun)?;
+            }
+            self.next_offset = self.next_offset.max(offset + 1);
+        }
         let topic = match String::from_utf8(publish.topic.to_vec()) {
             Ok(t) => t,
             Err(_) => {

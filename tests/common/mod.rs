@@ -1,0 +1,167 @@
+//! Helpers shared by the process-level tests: ports, agents, MQTT publishers, waiting.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use rumqttc::QoS;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+use telemesh_edge::buffer::{inspect, Inspection};
+
+/// The buffer map size every test config uses.
+pub const MAP_SIZE: u64 = 256 << 20;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes an edge.toml for agent `gw-crash` on `port`; `extra` is appended to `[mqtt]`.
+pub fn write_config(dir: &Path, port: u16, extra_mqtt: &str) -> PathBuf {
+    let path = dir.join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[agent]
+id = "gw-crash"
+data_dir = "{}"
+[mqtt]
+listen = "127.0.0.1:{port}"
+{extra_mqtt}
+[buffer]
+max_bytes = "128MiB"
+map_size = "256MiB"
+sync = "always"
+"#,
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A `telemesh edge` child process, killed when dropped so no test leaves one behind.
+pub struct AgentProcess(Child);
+
+impl AgentProcess {
+    /// kill -9, and wait for it.
+    pub fn kill9(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+
+    /// SIGTERM, and wait (bounded) for a clean exit with status 0.
+    pub fn sigterm(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                assert!(status.success(), "clean stop exits 0, got {status}");
+                return;
+            }
+            assert!(Instant::now() < until, "agent did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `telemesh edge --config <config>`.
+pub fn spawn_agent(config: &Path) -> AgentProcess {
+    AgentProcess(
+        Command::new(env!("CARGO_BIN_EXE_telemesh"))
+            .args(["edge", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+pub fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_listening(addr: SocketAddr) {
+    wait_for("the agent's MQTT port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+}
+
+pub fn buffer_dir(dir: &Path) -> PathBuf {
+    dir.join("data").join("buffer")
+}
+
+pub fn look(dir: &Path) -> Inspection {
+    inspect(&buffer_dir(dir), MAP_SIZE).unwrap()
+}
+
+pub fn payloads(events: &[telemesh_edge::buffer::Stored], epoch: u64) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|s| s.epoch == epoch)
+        .map(|s| {
+            std::str::from_utf8(&s.event.payload)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Publishes `count` messages numbered from `first` (QoS 1: until all are acked or the
+/// connection drops) and returns the numbers PUBACKed.
+pub fn publish(addr: SocketAddr, client: &str, qos: QoS, first: u64, count: u64) -> Vec<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut opts = MqttOptions::new(client, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(true);
+        let (cli, mut ev) = AsyncClient::new(opts, 100);
+        tokio::spawn(async move {
+            for n in first..first + count {
+                if cli
+                    .publish("site/crash/t", qos, false, n.to_string())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        // PUBACKs come in publish order on one connection: ack k is for message first + k.
+        let mut acked = Vec::new();
+        while (acked.len() as u64) < count {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked.push(first + acked.len() as u64),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        acked
+    })
+}
