@@ -667,8 +667,18 @@ struct Writer {
     /// The budget in force: `max_bytes`, lowered if the LMDB map fills first.
     budget: u64,
     failed: Option<String>,
+    /// The most event bytes one transaction takes: a quarter of the map's headroom over
+    /// `max_bytes`, since pages freed by evictions are reusable only after the commit.
+    group_byte_cap: u64,
     last_sync: Instant,
     dirty_since_sync: bool,
+}
+
+fn command_bytes(c: &Command) -> u64 {
+    match c {
+        Command::Append(inc) => (inc.topic.len() + inc.payload.len()) as u64 + 16 + ENTRY_OVERHEAD,
+        _ => 0,
+    }
 }
 
 /// Changes of one transaction, applied to metrics only once it commits.
@@ -686,7 +696,9 @@ enum Applied {
 impl Writer {
     fn new(shared: Arc<Shared>, opts: BufferOptions, meta: Meta) -> Self {
         let budget = opts.max_bytes;
+        let group_byte_cap = ((opts.map_size - opts.max_bytes) / 4).max(64 * 1024);
         Writer {
+            group_byte_cap,
             shared,
             opts,
             meta,
@@ -715,10 +727,15 @@ impl Writer {
                 },
             };
             let opened = Instant::now();
+            let mut group_bytes = command_bytes(&first);
             let mut group = vec![first];
-            while group.len() < MAX_GROUP && opened.elapsed() < self.opts.commit_interval {
+            while group.len() < MAX_GROUP
+                && group_bytes < self.group_byte_cap
+                && opened.elapsed() < self.opts.commit_interval
+            {
                 match rx.try_recv() {
                     Ok(c) => {
+                        group_bytes += command_bytes(&c);
                         let stop = matches!(c, Command::Close(_) | Command::Abort);
                         group.push(c);
                         if stop {
@@ -847,6 +864,14 @@ impl Writer {
                         self.maybe_sync(false);
                     }
                     return Ok(());
+                }
+                Ok(Applied::MapFull) if group.len() > 1 => {
+                    // Pages freed inside a transaction are reusable only after it commits:
+                    // commit the group in halves.
+                    self.meta = snapshot;
+                    let (left, right) = group.split_at(group.len() / 2);
+                    self.commit_group(left)?;
+                    return self.commit_group(right);
                 }
                 Ok(Applied::MapFull) => {
                     self.meta = snapshot;
