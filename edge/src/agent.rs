@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::{Broker, Notification};
+use telemesh_proto::topic::validate_topic_name;
 use telemesh_proto::{GapReason, Headers};
 use tracing::{error, info, warn};
 
@@ -234,12 +235,22 @@ impl Tap {
             }
             self.next_offset = self.next_offset.max(offset + 1);
         }
+        // rumqttd does not check topic names (it accepts wildcards in a PUBLISH, which MQTT
+        // forbids): refuse invalid ones here, counted and logged, before they get a seq.
         let topic = match String::from_utf8(publish.topic.to_vec()) {
-            Ok(t) => t,
-            Err(_) => {
-                // rumqttd validates UTF-8 topics; this cannot come from a device.
-                warn!("publish with a non-UTF-8 topic from the broker: dropped");
-                return self.handle.lost(1, GapReason::Refused);
+            Ok(t) if validate_topic_name(&t).is_ok() => t,
+            other => {
+                let why = match &other {
+                    Ok(t) => validate_topic_name(t).err().map(|e| e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                warn!(
+                    topic = %String::from_utf8_lossy(&publish.topic),
+                    error = why.as_deref().unwrap_or("invalid"),
+                    "publish with an invalid topic name refused"
+                );
+                self.handle.reject_invalid();
+                return Ok(());
             }
         };
         let headers = f.properties.and_then(|p| {

@@ -275,6 +275,12 @@ impl Handle {
             .map_err(|_| BufferError::Closed)
     }
 
+    /// Counts an event refused before it reached the buffer (for example an invalid topic).
+    pub fn reject_invalid(&self) {
+        self.metrics.events_in.fetch_add(1, Relaxed);
+        self.metrics.rejected_invalid.fetch_add(1, Relaxed);
+    }
+
     /// Records `count` events lost before they got seqs (after the last seq so far).
     pub fn lost(&self, count: u64, reason: GapReason) -> Result<(), BufferError> {
         self.metrics.events_in.fetch_add(count, Relaxed);

@@ -34,6 +34,8 @@ pub struct EdgeMetrics {
     pub oldest_event_us: AtomicU64,
     /// Write failures (commit errors); the writer stops writing after the first.
     pub write_errors: AtomicU64,
+    /// Events refused as invalid (for example a wildcard in a PUBLISH topic).
+    pub rejected_invalid: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters.
@@ -65,6 +67,8 @@ pub struct EdgeSnapshot {
     pub oldest_event_us: u64,
     /// See [`EdgeMetrics::write_errors`].
     pub write_errors: u64,
+    /// See [`EdgeMetrics::rejected_invalid`].
+    pub rejected_invalid: u64,
 }
 
 impl EdgeMetrics {
@@ -95,6 +99,7 @@ impl EdgeMetrics {
             drops_storage: self.drops_storage.load(Relaxed),
             oldest_event_us: self.oldest_event_us.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
+            rejected_invalid: self.rejected_invalid.load(Relaxed),
         }
     }
 }
