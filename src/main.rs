@@ -1,6 +1,7 @@
 //! The `telemesh` command line: one binary for every role. Only argument parsing and process
 //! set-up live here; each role's work lives in its crate.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -34,6 +35,33 @@ enum Command {
         /// Print a commented default config and exit.
         #[arg(long)]
         print_default_config: bool,
+    },
+    /// Simulate devices publishing MQTT telemetry (a load generator for any broker).
+    Sim {
+        /// The broker to publish to.
+        #[arg(long)]
+        mqtt: SocketAddr,
+        /// Devices, each its own connection.
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Messages per second in total (0: as fast as the broker acknowledges).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Messages in total.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Payload size in bytes (at least 16: send time and number).
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        /// QoS 0, 1 or 2.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// Topic; `{device}` becomes the device number.
+        #[arg(long, default_value = "sim/dev{device}/telemetry")]
+        topic: String,
+        /// Publishes in flight per device.
+        #[arg(long, default_value_t = 100)]
+        inflight: u16,
     },
     /// Print the wire protocol's version and error codes.
     Protocol,
@@ -90,6 +118,40 @@ fn main() -> Result<()> {
             ..
         } => run_edge(&config)?,
         Command::Edge { config: None, .. } => anyhow::bail!("--config is required"),
+        Command::Sim {
+            mqtt,
+            devices,
+            rate,
+            count,
+            payload_bytes,
+            qos,
+            topic,
+            inflight,
+        } => {
+            let opts = telemesh_edge::sim::SimOptions {
+                mqtt,
+                devices,
+                rate,
+                count,
+                payload_bytes,
+                qos,
+                topic,
+                inflight,
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            let report = rt.block_on(telemesh_edge::sim::run(opts));
+            println!("{report}");
+            for e in &report.errors {
+                tracing::error!(error = %e, "device failed");
+            }
+            if report.acked < count {
+                anyhow::bail!(
+                    "only {} of {count} messages were acknowledged",
+                    report.acked
+                );
+            }
+        }
         Command::Protocol => {
             println!(
                 "telemesh/{} (ALPN {})",

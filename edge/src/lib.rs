@@ -10,3 +10,4 @@ pub mod config;
 
 pub use agent::{Agent, AgentError};
 pub use config::EdgeConfig;
+pub mod sim;
