@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use telemesh_edge::{Agent, EdgeConfig};
+use telemesh_edge::{Agent, BrokerErrorCounter, EdgeConfig};
 
 /// IoT edge-to-cloud event mesh.
 #[derive(Debug, Parser)]
@@ -94,14 +94,16 @@ fn run_edge(config: &std::path::Path) -> Result<()> {
 }
 
 fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // The counter sees every event; the filter applies to the log output only.
+    let registry = tracing_subscriber::registry().with(BrokerErrorCounter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(fmt.json().with_filter(filter)).init(),
     }
 }
 

@@ -275,3 +275,32 @@ impl Tap {
         })
     }
 }
+
+/// Connections the embedded broker closed on an error (malformed or oversized packets, a bad
+/// CONNECT, a failed TLS handshake) in this process.
+static BROKER_CONNECTION_ERRORS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// How many connections the embedded broker closed on an error, as counted by
+/// [`BrokerErrorCounter`] (0 unless that layer is installed).
+pub fn broker_connection_errors() -> u64 {
+    BROKER_CONNECTION_ERRORS.load(Ordering::Relaxed)
+}
+
+/// A tracing layer that counts the embedded broker's connection errors. rumqttd reports them
+/// only as log events, so the agent counts those events; `main` installs this layer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BrokerErrorCounter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for BrokerErrorCounter {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let meta = event.metadata();
+        if *meta.level() == tracing::Level::ERROR && meta.target().starts_with("rumqttd::server") {
+            BROKER_CONNECTION_ERRORS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -8,6 +8,6 @@ pub use metrics::{EdgeMetrics, EdgeSnapshot};
 pub mod agent;
 pub mod config;
 
-pub use agent::{Agent, AgentError};
+pub use agent::{broker_connection_errors, Agent, AgentError, BrokerErrorCounter};
 pub use config::EdgeConfig;
 pub mod sim;

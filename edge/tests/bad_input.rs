@@ -45,7 +45,10 @@ fn string(s: &[u8], out: &mut Vec<u8>) {
 
 /// An MQTT 3.1.1 session over a plain socket, for sending what no client library would.
 fn connect_raw(addr: SocketAddr, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
+    handshake(TcpStream::connect(addr).unwrap(), id)
+}
+
+fn handshake(mut s: TcpStream, id: &str) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut body = Vec::new();
     string(b"MQTT", &mut body);
@@ -84,8 +87,21 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+fn wait_until(mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < until, "condition not reached in time");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn bad_clients_are_refused_and_good_ones_keep_being_served() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(telemesh_edge::BrokerErrorCounter)
+        .init();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -95,11 +111,21 @@ fn bad_clients_are_refused_and_good_ones_keep_being_served() {
     ))
     .unwrap();
     let agent = Agent::start(&cfg).unwrap();
+    // Wait for the port with a well-behaved session, so the wait itself is no error.
     let until = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < until, "broker never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let probe = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(_) => {
+                assert!(Instant::now() < until, "broker never listened");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    let mut probe = handshake(probe, "probe");
+    probe.write_all(&[0xE0, 0]).unwrap(); // DISCONNECT
+    assert!(closed_by_server(&mut probe));
+    let errors_at_start = telemesh_edge::broker_connection_errors();
 
     // A good client publishing throughout.
     let good = std::thread::spawn(move || {
@@ -139,6 +165,8 @@ fn bad_clients_are_refused_and_good_ones_keep_being_served() {
         closed_by_server(&mut garbage),
         "garbage closes the connection"
     );
+    wait_until(|| telemesh_edge::broker_connection_errors() > errors_at_start);
+    let errors_before_big = telemesh_edge::broker_connection_errors();
 
     // A payload over max_payload.
     let mut big = connect_raw(addr, "big");
@@ -148,6 +176,7 @@ fn bad_clients_are_refused_and_good_ones_keep_being_served() {
         closed_by_server(&mut big),
         "an oversized publish closes the connection"
     );
+    wait_until(|| telemesh_edge::broker_connection_errors() > errors_before_big);
 
     // A wildcard in a PUBLISH topic: rumqttd takes it; the agent refuses it at the tap.
     let mut wild = connect_raw(addr, "wild");
