@@ -40,6 +40,16 @@ struct Model {
     /// (epoch, position, id, kind, reason)
     gaps: Vec<(u64, u64, u64, GapKind, GapReason)>,
     next_gap_id: u64,
+    /// The highest (epoch, seq) trimmed: what a node acknowledged.
+    acked: Option<(u64, u64)>,
+}
+
+impl Model {
+    fn ack(&mut self, through: (u64, u64)) {
+        if self.acked.is_none_or(|a| a < through) {
+            self.acked = Some(through);
+        }
+    }
 }
 
 impl Model {
@@ -126,6 +136,7 @@ fn check(buffer: &Buffer, model: &Model) {
     let state = reader.state().unwrap();
     assert_eq!(state.epoch, model.epoch);
     assert_eq!(state.next_seq, model.next_seq);
+    assert_eq!(state.acked, model.acked, "acked-through survives restarts");
     assert_eq!(state.bytes, model.bytes);
     assert!(state.bytes <= MAX_BYTES);
     assert_eq!(state.events, model.events.len() as u64);
@@ -185,6 +196,7 @@ fn run(ops: Vec<Op>, policy: Overflow) {
                 let (e, ev, _) = &model.events[i % model.events.len()];
                 let (e, s) = (*e, ev.seq);
                 h.trim(e, s, None).unwrap();
+                model.ack((e, s));
                 while model
                     .events
                     .front()
@@ -198,6 +210,7 @@ fn run(ops: Vec<Op>, policy: Overflow) {
                 let through = model.next_gap_id - 1;
                 let (e, s) = (model.epoch, 0);
                 h.trim(e, s, Some(through)).unwrap();
+                model.ack((e, s));
                 model.gaps.clear();
                 while model
                     .events
