@@ -34,7 +34,7 @@ fn broker_overrun_becomes_exact_gap_records() {
     // Stall the agent's writer: hold the buffer's LMDB write lock from this process.
     let env = {
         let mut o = heed::EnvOpenOptions::new();
-        o.map_size(MAP_SIZE as usize).max_dbs(4);
+        o.map_size(MAP_SIZE as usize).max_dbs(8);
         // SAFETY: a second process's handle on the agent's environment; LMDB's lock file
         // coordinates the two, and this one never writes.
         unsafe { o.open(buffer_dir(dir.path())) }.unwrap()

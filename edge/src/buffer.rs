@@ -27,10 +27,11 @@
 //! - A failed commit poisons the writer: it stops writing, counts what it cannot store as
 //!   lost (`storage_failed`) and says so in its log; reads keep working.
 
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -208,8 +209,45 @@ pub enum StartKind {
     Unclean,
 }
 
+/// Where a committed append is reported: its (epoch, seq), or why it was not stored.
+pub type CommitSender = tokio::sync::oneshot::Sender<Result<(u64, u64), AppendError>>;
+
+/// Where a committed session change is reported.
+pub type DoneSender = tokio::sync::oneshot::Sender<Result<(), AppendError>>;
+
+/// Why an acknowledged append did not reach the disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// The buffer was full and the policy refused the event (recorded as a gap).
+    #[error("buffer full: event refused")]
+    Refused,
+    /// The writer failed (disk full or failing); nothing more is stored.
+    #[error("buffer writer failed: {0}")]
+    Failed(String),
+}
+
+/// What the durable port attaches to an append.
+#[derive(Debug, Default)]
+pub struct Durable {
+    /// Told once the event is committed (per `sync`).
+    pub notify: Option<CommitSender>,
+    /// For QoS 2: the (client id, packet id) to remember in the same transaction.
+    pub qos2: Option<(String, u16)>,
+}
+
 enum Command {
-    Append(Incoming),
+    Append(Incoming, Option<Durable>),
+    /// Forget a QoS 2 packet id (PUBREL), reporting once committed.
+    Release {
+        client: String,
+        pkid: u16,
+        notify: Option<DoneSender>,
+    },
+    /// Forget every QoS 2 packet id of a client (a clean session), reporting once committed.
+    ClearSession {
+        client: String,
+        notify: Option<DoneSender>,
+    },
     Lost {
         count: u64,
         reason: GapReason,
@@ -229,13 +267,15 @@ struct Shared {
     events: Db,
     gaps: Db,
     meta: Db,
+    /// QoS 2 packet ids received and stored, per client: `client ‖ 0 ‖ pkid` → (epoch, seq).
+    qos2: Db,
     metrics: Arc<EdgeMetrics>,
 }
 
 /// The durable edge buffer. Cheap to share through [`Buffer::handle`] and [`Buffer::reader`].
 pub struct Buffer {
     shared: Arc<Shared>,
-    tx: SyncSender<Command>,
+    tx: flume::Sender<Command>,
     writer: Option<JoinHandle<()>>,
     epoch: u64,
     start: StartKind,
@@ -253,7 +293,7 @@ impl std::fmt::Debug for Buffer {
 /// A sender of appends and losses to the writer, for the ingest paths.
 #[derive(Clone)]
 pub struct Handle {
-    tx: SyncSender<Command>,
+    tx: flume::Sender<Command>,
     metrics: Arc<EdgeMetrics>,
 }
 
@@ -271,7 +311,52 @@ impl Handle {
             .bytes_in
             .fetch_add((ev.topic.len() + ev.payload.len()) as u64, Relaxed);
         self.tx
-            .send(Command::Append(ev))
+            .send(Command::Append(ev, None))
+            .map_err(|_| BufferError::Closed)
+    }
+
+    /// Queues an event for the durable port; waits (asynchronously) while the writer's
+    /// queue is full, which is what stops the port reading its sockets.
+    pub async fn append_durable(&self, ev: Incoming, durable: Durable) -> Result<(), BufferError> {
+        self.metrics.events_in.fetch_add(1, Relaxed);
+        self.metrics
+            .bytes_in
+            .fetch_add((ev.topic.len() + ev.payload.len()) as u64, Relaxed);
+        self.tx
+            .send_async(Command::Append(ev, Some(durable)))
+            .await
+            .map_err(|_| BufferError::Closed)
+    }
+
+    /// Forgets a client's QoS 2 packet id (after PUBREL); `notify` hears of the commit.
+    pub async fn release_qos2(
+        &self,
+        client: String,
+        pkid: u16,
+        notify: DoneSender,
+    ) -> Result<(), BufferError> {
+        self.tx
+            .send_async(Command::Release {
+                client,
+                pkid,
+                notify: Some(notify),
+            })
+            .await
+            .map_err(|_| BufferError::Closed)
+    }
+
+    /// Forgets all of a client's QoS 2 state (clean session); `notify` hears of the commit.
+    pub async fn clear_session(
+        &self,
+        client: String,
+        notify: DoneSender,
+    ) -> Result<(), BufferError> {
+        self.tx
+            .send_async(Command::ClearSession {
+                client,
+                notify: Some(notify),
+            })
+            .await
             .map_err(|_| BufferError::Closed)
     }
 
@@ -310,17 +395,6 @@ impl Handle {
         rx.recv()
             .map_err(|_| BufferError::Closed)?
             .map_err(BufferError::WriterFailed)
-    }
-
-    /// True when the writer's queue has no room right now.
-    pub fn would_block(&self) -> bool {
-        matches!(
-            self.tx.try_send(Command::Lost {
-                count: 0,
-                reason: GapReason::Overrun
-            }),
-            Err(TrySendError::Full(_))
-        )
     }
 }
 
@@ -363,6 +437,15 @@ fn gap_key(epoch: u64, position: u64, id: u64) -> [u8; 24] {
     k[..8].copy_from_slice(&epoch.to_be_bytes());
     k[8..16].copy_from_slice(&position.to_be_bytes());
     k[16..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// QoS 2 state key: the client id, a 0 byte (MQTT strings never hold U+0000), the packet id.
+fn qos2_key(client: &str, pkid: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(client.len() + 3);
+    k.extend_from_slice(client.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&pkid.to_be_bytes());
     k
 }
 
@@ -417,7 +500,7 @@ impl Buffer {
             source,
         })?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.map_size(opts.map_size as usize).max_dbs(4);
+        options.map_size(opts.map_size as usize).max_dbs(8);
         if opts.sync != SyncMode::Always {
             // SAFETY: NO_SYNC only defers fsync to our explicit force_sync (or the OS); it
             // never trades consistency (unlike WRITEMAP or NO_META_SYNC, which we never use).
@@ -428,12 +511,13 @@ impl Buffer {
         // SAFETY: the directory is the agent's own, opened once per process, and not on NFS.
         let env = unsafe { options.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (events, gaps, meta) = env
+        let (events, gaps, meta, qos2) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
                 let events: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("events"))?;
                 let gaps: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("gaps"))?;
                 let meta: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("meta"))?;
-                Ok(CommitOrAbort::<_, ()>::Commit((events, gaps, meta)))
+                let qos2: Database<Bytes, Bytes> = dbo.create_database(wtxn, Some("qos2"))?;
+                Ok(CommitOrAbort::<_, ()>::Commit((events, gaps, meta, qos2)))
             })?
             .unwrap_commit();
         let shared = Arc::new(Shared {
@@ -441,6 +525,7 @@ impl Buffer {
             events,
             gaps,
             meta,
+            qos2,
             metrics,
         });
 
@@ -518,7 +603,7 @@ impl Buffer {
             m.oldest_event_us.store(oldest_ts(&shared, &rtxn)?, Relaxed);
         }
 
-        let (tx, rx) = mpsc::sync_channel(opts.queue.max(1));
+        let (tx, rx) = flume::bounded(opts.queue.max(1));
         let epoch = meta.epoch;
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -633,6 +718,17 @@ impl Reader {
         Ok(out)
     }
 
+    /// Where a client's QoS 2 packet id was stored, if it was and is not yet released.
+    pub fn qos2(&self, client: &str, pkid: u16) -> Result<Option<(u64, u64)>, BufferError> {
+        let rtxn = self.shared.env.read_txn()?;
+        Ok(self
+            .shared
+            .qos2
+            .get(&rtxn, &qos2_key(client, pkid))?
+            .filter(|v| v.len() == 16)
+            .map(|v| (be_u64(&v[..8]), be_u64(&v[8..]))))
+    }
+
     /// Every gap record, in (epoch, position, id) order.
     pub fn gaps(&self) -> Result<Vec<StoredGap>, BufferError> {
         let rtxn = self.shared.env.read_txn()?;
@@ -678,20 +774,37 @@ struct Writer {
     group_byte_cap: u64,
     last_sync: Instant,
     dirty_since_sync: bool,
+    /// Durable appends waiting for room under `overflow = "block"`, in arrival order.
+    parked: VecDeque<Command>,
 }
 
+/// An upper bound of what an append costs in the budget (the exact cost is computed when
+/// it is stored): its encoded event, key and LMDB overhead.
 fn command_bytes(c: &Command) -> u64 {
     match c {
-        Command::Append(inc) => (inc.topic.len() + inc.payload.len()) as u64 + 16 + ENTRY_OVERHEAD,
+        Command::Append(inc, _) => {
+            let headers = inc.headers.as_ref().map_or(0, |h| {
+                h.user_properties
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 6)
+                    .sum::<usize>()
+                    + h.content_type.as_ref().map_or(0, |c| c.len() + 3)
+                    + h.traceparent.as_ref().map_or(0, |t| t.len() + 3)
+                    + 3
+            });
+            (inc.topic.len() + inc.payload.len() + headers) as u64 + 40 + 16 + ENTRY_OVERHEAD
+        }
         _ => 0,
     }
 }
 
-/// Changes of one transaction, applied to metrics only once it commits.
+/// Changes of one transaction, applied to metrics and reported only once it commits.
 #[derive(Default)]
 struct TxnEffects {
     drops: Vec<(GapReason, u64)>,
     oldest_changed: bool,
+    /// Per group index: the outcome of a durable append.
+    appended: Vec<(usize, Result<(u64, u64), AppendError>)>,
 }
 
 enum Applied {
@@ -712,20 +825,21 @@ impl Writer {
             failed: None,
             last_sync: Instant::now(),
             dirty_since_sync: false,
+            parked: VecDeque::new(),
         }
     }
 
-    fn run(mut self, rx: Receiver<Command>) {
+    fn run(mut self, rx: flume::Receiver<Command>) {
         let _span = tracing::info_span!("buffer_writer", origin = %self.meta.origin).entered();
         loop {
             let first = match self.opts.sync {
                 SyncMode::Interval => match rx.recv_timeout(self.opts.sync_interval) {
                     Ok(c) => c,
-                    Err(RecvTimeoutError::Timeout) => {
+                    Err(flume::RecvTimeoutError::Timeout) => {
                         self.maybe_sync(true);
                         continue;
                     }
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
                 },
                 _ => match rx.recv() {
                     Ok(c) => c,
@@ -757,19 +871,58 @@ impl Writer {
         }
     }
 
+    /// Under `overflow = "block"`, moves durable appends that do not fit (or that arrive
+    /// while others wait) to the back of the parked queue, and brings parked ones back, in
+    /// order, as room frees. Nothing is refused and order is kept.
+    fn admit(&mut self, group: Vec<Command>) -> Vec<Command> {
+        if self.opts.overflow != Overflow::Block || self.failed.is_some() {
+            return group;
+        }
+        let mut room = self.budget.saturating_sub(self.meta.bytes);
+        let mut admitted = Vec::with_capacity(group.len());
+        while let Some(front) = self.parked.front() {
+            let cost = command_bytes(front);
+            if cost > room {
+                break;
+            }
+            room -= cost;
+            admitted.extend(self.parked.pop_front());
+        }
+        for c in group {
+            match &c {
+                Command::Append(_, Some(_)) => {
+                    let cost = command_bytes(&c);
+                    if !self.parked.is_empty() || cost > room {
+                        self.parked.push_back(c);
+                    } else {
+                        room -= cost;
+                        admitted.push(c);
+                    }
+                }
+                Command::Append(_, None) => {
+                    room = room.saturating_sub(command_bytes(&c));
+                    admitted.push(c);
+                }
+                _ => admitted.push(c),
+            }
+        }
+        admitted
+    }
+
     /// Applies and commits one group; returns true when the writer must stop.
-    fn process(&mut self, mut group: Vec<Command>) -> bool {
+    fn process(&mut self, group: Vec<Command>) -> bool {
+        let mut group = self.admit(group);
         // Commands after an Abort are dropped uncommitted, as in a crash.
         if let Some(i) = group.iter().position(|c| matches!(c, Command::Abort)) {
             group.truncate(i);
-            let _ = self.commit_group(&group);
+            let _ = self.commit_group(&mut group);
             return true;
         }
         let close = group
             .iter()
             .position(|c| matches!(c, Command::Close(_)))
             .map(|i| group.remove(i));
-        let result = self.commit_group(&group);
+        let result = self.commit_group(&mut group);
         for c in &group {
             if let Command::Flush(tx) = c {
                 let _ = tx.send(result.clone());
@@ -779,6 +932,13 @@ impl Writer {
             let r = result.and_then(|()| self.mark_clean());
             let _ = tx.send(r);
             return true;
+        }
+        // Trims may have made room for parked appends: take them in at once.
+        if !self.parked.is_empty() && self.meta.bytes < self.budget {
+            let mut more = self.admit(Vec::new());
+            if !more.is_empty() {
+                let _ = self.commit_group(&mut more);
+            }
         }
         false
     }
@@ -805,13 +965,13 @@ impl Writer {
         Ok(())
     }
 
-    fn commit_group(&mut self, group: &[Command]) -> Result<(), String> {
+    fn commit_group(&mut self, group: &mut [Command]) -> Result<(), String> {
         if group.is_empty() {
             return Ok(());
         }
-        if let Some(f) = &self.failed {
-            self.count_unstorable(group);
-            return Err(f.clone());
+        if let Some(f) = self.failed.clone() {
+            self.count_unstorable(group, &f);
+            return Err(f);
         }
         for attempt in 0..4 {
             let snapshot = self.meta.clone();
@@ -819,8 +979,8 @@ impl Writer {
             let shared = self.shared.clone();
             let outcome = (|| -> Result<Applied, heed::Error> {
                 let mut wtxn = shared.env.write_txn()?;
-                for c in group {
-                    match self.apply(&mut wtxn, c, &mut effects) {
+                for (i, c) in group.iter().enumerate() {
+                    match self.apply(&mut wtxn, i, c, &mut effects) {
                         Ok(()) => {}
                         Err(heed::Error::Mdb(heed::MdbError::MapFull)) => {
                             return Ok(Applied::MapFull)
@@ -869,13 +1029,33 @@ impl Writer {
                     } else {
                         self.maybe_sync(false);
                     }
+                    // Only now, committed (and synced per `sync`), are appends reported.
+                    let mut outcomes = effects.appended.into_iter().peekable();
+                    for (i, c) in group.iter_mut().enumerate() {
+                        match c {
+                            Command::Append(_, Some(d)) => {
+                                if let Some((_, r)) = outcomes.next_if(|(j, _)| *j == i) {
+                                    if let Some(n) = d.notify.take() {
+                                        let _ = n.send(r);
+                                    }
+                                }
+                            }
+                            Command::Release { notify, .. }
+                            | Command::ClearSession { notify, .. } => {
+                                if let Some(n) = notify.take() {
+                                    let _ = n.send(Ok(()));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
                     return Ok(());
                 }
                 Ok(Applied::MapFull) if group.len() > 1 => {
                     // Pages freed inside a transaction are reusable only after it commits:
                     // commit the group in halves.
                     self.meta = snapshot;
-                    let (left, right) = group.split_at(group.len() / 2);
+                    let (left, right) = group.split_at_mut(group.len() / 2);
                     self.commit_group(left)?;
                     return self.commit_group(right);
                 }
@@ -899,23 +1079,36 @@ impl Writer {
         Err(self.fail("lmdb map stays full".into(), group))
     }
 
-    fn fail(&mut self, why: String, group: &[Command]) -> String {
+    fn fail(&mut self, why: String, group: &mut [Command]) -> String {
         error!(error = %why, "buffer commit failed: the writer stops writing");
         self.shared.metrics.write_errors.fetch_add(1, Relaxed);
         self.failed = Some(why.clone());
-        self.count_unstorable(group);
+        self.count_unstorable(group, &why);
+        let mut parked: Vec<Command> = self.parked.drain(..).collect();
+        self.count_unstorable(&mut parked, &why);
         why
     }
 
-    fn count_unstorable(&self, group: &[Command]) {
-        let lost: u64 = group
-            .iter()
-            .map(|c| match c {
-                Command::Append(_) => 1,
-                Command::Lost { count, .. } => *count,
-                _ => 0,
-            })
-            .sum();
+    /// Counts what a failed writer cannot store as lost, and tells durable senders.
+    fn count_unstorable(&self, group: &mut [Command], why: &str) {
+        let mut lost = 0;
+        for c in group.iter_mut() {
+            match c {
+                Command::Append(_, durable) => {
+                    lost += 1;
+                    if let Some(n) = durable.as_mut().and_then(|d| d.notify.take()) {
+                        let _ = n.send(Err(AppendError::Failed(why.to_owned())));
+                    }
+                }
+                Command::Lost { count, .. } => lost += *count,
+                Command::Release { notify, .. } | Command::ClearSession { notify, .. } => {
+                    if let Some(n) = notify.take() {
+                        let _ = n.send(Err(AppendError::Failed(why.to_owned())));
+                    }
+                }
+                _ => {}
+            }
+        }
         self.shared
             .metrics
             .count_drop(GapReason::StorageFailed, lost);
@@ -934,7 +1127,7 @@ impl Writer {
                 }
                 Err(e) => {
                     let why = format!("sync failed: {e}");
-                    let _ = self.fail(why, &[]);
+                    let _ = self.fail(why, &mut []);
                 }
             }
         }
@@ -943,11 +1136,36 @@ impl Writer {
     fn apply(
         &mut self,
         wtxn: &mut RwTxn,
+        index: usize,
         c: &Command,
         fx: &mut TxnEffects,
     ) -> Result<(), heed::Error> {
         match c {
-            Command::Append(inc) => self.append(wtxn, inc, fx),
+            Command::Append(inc, durable) => {
+                let stored = self.append(wtxn, inc, fx)?;
+                if let Some(d) = durable {
+                    if let (Ok(at), Some((client, pkid))) = (&stored, &d.qos2) {
+                        let value = [at.0.to_be_bytes(), at.1.to_be_bytes()].concat();
+                        self.shared
+                            .qos2
+                            .put(wtxn, &qos2_key(client, *pkid), &value)?;
+                    }
+                    fx.appended.push((index, stored));
+                }
+                Ok(())
+            }
+            Command::Release { client, pkid, .. } => {
+                self.shared.qos2.delete(wtxn, &qos2_key(client, *pkid))?;
+                Ok(())
+            }
+            Command::ClearSession { client, .. } => {
+                let lo = qos2_key(client, 0);
+                let hi = qos2_key(client, u16::MAX);
+                self.shared
+                    .qos2
+                    .delete_range(wtxn, &(Bound::Included(&lo[..]), Bound::Included(&hi[..])))?;
+                Ok(())
+            }
             Command::Lost { count: 0, .. } => Ok(()),
             Command::Lost { count, reason } => {
                 let gap = Gap {
@@ -970,12 +1188,14 @@ impl Writer {
         }
     }
 
+    /// Stores one event; `Err(Refused)` when the overflow policy refused it (a gap record
+    /// covers its seq).
     fn append(
         &mut self,
         wtxn: &mut RwTxn,
         inc: &Incoming,
         fx: &mut TxnEffects,
-    ) -> Result<(), heed::Error> {
+    ) -> Result<Result<(u64, u64), AppendError>, heed::Error> {
         let seq = self.meta.next_seq;
         self.meta.next_seq += 1;
         let event = Event {
@@ -992,7 +1212,8 @@ impl Writer {
             let evict = self.opts.overflow == Overflow::DropOldest && cost <= self.budget;
             if !evict {
                 fx.drops.push((GapReason::Refused, 1));
-                return self.record_range(wtxn, self.meta.epoch, seq, GapReason::Refused);
+                self.record_range(wtxn, self.meta.epoch, seq, GapReason::Refused)?;
+                return Ok(Err(AppendError::Refused));
             }
             while self.meta.bytes + cost > self.budget {
                 let Some((k, v)) = self.shared.events.first(wtxn)? else {
@@ -1017,7 +1238,7 @@ impl Writer {
         }
         self.meta.events += 1;
         self.meta.bytes += cost;
-        Ok(())
+        Ok(Ok((self.meta.epoch, seq)))
     }
 
     /// Records `seq` of `epoch` as lost, extending the gap record that ends right before it
@@ -1134,7 +1355,7 @@ pub struct Inspection {
 /// Reads a buffer directory read-only: for operators' tools and tests.
 pub fn inspect(dir: &Path, map_size: u64) -> Result<Inspection, BufferError> {
     let mut options = EnvOpenOptions::new().read_txn_without_tls();
-    options.map_size(map_size as usize).max_dbs(4);
+    options.map_size(map_size as usize).max_dbs(8);
     // SAFETY: READ_ONLY never writes; LMDB's lock file coordinates with a running writer.
     unsafe {
         options.flags(EnvFlags::READ_ONLY);
@@ -1142,7 +1363,7 @@ pub fn inspect(dir: &Path, map_size: u64) -> Result<Inspection, BufferError> {
     // SAFETY: as in `Buffer::open`.
     let env = unsafe { options.open(dir) }?;
     let rtxn = env.read_txn()?;
-    let (events, gaps, meta) = env
+    let (events, gaps, meta, qos2) = env
         .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_, BufferError> {
             let open = |name: &str| -> Result<Database<Bytes, Bytes>, BufferError> {
                 dbo.open_database(rtxn, Some(name))?
@@ -1152,6 +1373,7 @@ pub fn inspect(dir: &Path, map_size: u64) -> Result<Inspection, BufferError> {
                 open("events")?,
                 open("gaps")?,
                 open("meta")?,
+                open("qos2")?,
             )))
         })?
         .unwrap_commit();
@@ -1160,6 +1382,7 @@ pub fn inspect(dir: &Path, map_size: u64) -> Result<Inspection, BufferError> {
         events,
         gaps,
         meta,
+        qos2,
         metrics: Arc::new(EdgeMetrics::default()),
     });
     let reader = Reader {
