@@ -209,8 +209,11 @@ pub enum StartKind {
     Unclean,
 }
 
-/// Where a committed append is reported: its (epoch, seq), or why it was not stored.
-pub type CommitSender = tokio::sync::oneshot::Sender<Result<(u64, u64), AppendError>>;
+/// The outcome of a durable append: its (epoch, seq), or why it was not stored.
+pub type AppendResult = Result<(u64, u64), AppendError>;
+
+/// Where a committed append is reported.
+pub type CommitSender = tokio::sync::oneshot::Sender<AppendResult>;
 
 /// Where a committed session change is reported.
 pub type DoneSender = tokio::sync::oneshot::Sender<Result<(), AppendError>>;
@@ -804,7 +807,7 @@ struct TxnEffects {
     drops: Vec<(GapReason, u64)>,
     oldest_changed: bool,
     /// Per group index: the outcome of a durable append.
-    appended: Vec<(usize, Result<(u64, u64), AppendError>)>,
+    appended: Vec<(usize, AppendResult)>,
 }
 
 enum Applied {
@@ -1195,7 +1198,7 @@ impl Writer {
         wtxn: &mut RwTxn,
         inc: &Incoming,
         fx: &mut TxnEffects,
-    ) -> Result<Result<(u64, u64), AppendError>, heed::Error> {
+    ) -> Result<AppendResult, heed::Error> {
         let seq = self.meta.next_seq;
         self.meta.next_seq += 1;
         let event = Event {
