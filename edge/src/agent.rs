@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::buffer::{now_us, Buffer, BufferError, Handle, Incoming, Reader};
 use crate::config::EdgeConfig;
+use crate::durable::{DurableOptions, DurableServer};
 use crate::metrics::EdgeMetrics;
 
 /// Errors starting or stopping the agent.
@@ -46,6 +47,9 @@ pub enum AgentError {
     /// The embedded broker refused its set-up.
     #[error("embedded broker: {0}")]
     Broker(String),
+    /// A TLS certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// A running edge agent.
@@ -54,6 +58,27 @@ pub struct Agent {
     buffer: Buffer,
     stop: Arc<AtomicBool>,
     tap: Option<JoinHandle<()>>,
+    durable: Option<(tokio::runtime::Runtime, DurableServer)>,
+}
+
+/// Loads a PEM certificate chain and key into a rustls server config (ring provider).
+pub fn server_tls(tls: &crate::config::TlsFiles) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
 }
 
 fn broker_config(cfg: &EdgeConfig) -> rumqttd::Config {
@@ -105,7 +130,10 @@ impl Agent {
     pub fn start(cfg: &EdgeConfig) -> Result<Agent, AgentError> {
         let metrics = Arc::new(EdgeMetrics::default());
         // Bind once ourselves so that a taken port is a clear error (rumqttd only logs it).
-        for addr in std::iter::once(cfg.mqtt.listen).chain(cfg.mqtt.listen_v5) {
+        for addr in std::iter::once(cfg.mqtt.listen)
+            .chain(cfg.mqtt.listen_v5)
+            .chain(cfg.durable.as_ref().map(|d| d.listen))
+        {
             TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?;
         }
         let buffer = Buffer::open(
@@ -144,9 +172,48 @@ impl Agent {
                 tap.run(link_rx, &tap_stop)
             })
             .map_err(|e| AgentError::Broker(e.to_string()))?;
+        let durable = match &cfg.durable {
+            None => None,
+            Some(d) => {
+                let tls = d
+                    .tls
+                    .as_ref()
+                    .map(server_tls)
+                    .transpose()
+                    .map_err(AgentError::Tls)?;
+                let opts = DurableOptions {
+                    listen: d.listen,
+                    tls,
+                    users: d.users.clone(),
+                    max_connections: d.max_connections,
+                    max_inflight: d.max_inflight,
+                    max_packet: d.max_packet.as_u64() as usize,
+                    connect_timeout: d.connect_timeout,
+                };
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("durable")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| AgentError::Broker(e.to_string()))?;
+                let server = rt
+                    .block_on(DurableServer::start(
+                        opts,
+                        buffer.handle(),
+                        buffer.reader(),
+                        buffer.metrics().clone(),
+                    ))
+                    .map_err(|source| AgentError::Bind {
+                        addr: d.listen,
+                        source,
+                    })?;
+                Some((rt, server))
+            }
+        };
         info!(
             id = %cfg.agent.id,
             listen = %cfg.mqtt.listen,
+            durable = ?cfg.durable.as_ref().map(|d| d.listen),
             epoch = buffer.epoch(),
             "edge agent running"
         );
@@ -154,7 +221,13 @@ impl Agent {
             buffer,
             stop,
             tap: Some(tap),
+            durable,
         })
+    }
+
+    /// The durable port's bound address, if it runs.
+    pub fn durable_addr(&self) -> Option<SocketAddr> {
+        self.durable.as_ref().map(|(_, s)| s.local_addr())
     }
 
     /// The buffer's epoch for this run.
@@ -180,6 +253,9 @@ impl Agent {
     /// Clean stop: stops tapping, commits what was taken, marks the buffer clean. The
     /// broker's port stays bound until the process exits (rumqttd cannot be stopped).
     pub fn shutdown(mut self) -> Result<(), AgentError> {
+        if let Some((rt, server)) = self.durable.take() {
+            rt.block_on(server.shutdown());
+        }
         self.stop.store(true, Ordering::SeqCst);
         if let Some(tap) = self.tap.take() {
             let _ = tap.join();

@@ -732,6 +732,18 @@ impl Reader {
             .map(|v| (be_u64(&v[..8]), be_u64(&v[8..]))))
     }
 
+    /// True when a client has QoS 2 packet ids stored and not released (session state).
+    pub fn has_qos2_state(&self, client: &str) -> Result<bool, BufferError> {
+        let rtxn = self.shared.env.read_txn()?;
+        let lo = qos2_key(client, 0);
+        let hi = qos2_key(client, u16::MAX);
+        let mut range = self
+            .shared
+            .qos2
+            .range(&rtxn, &(Bound::Included(&lo[..]), Bound::Included(&hi[..])))?;
+        Ok(range.next().is_some())
+    }
+
     /// Every gap record, in (epoch, position, id) order.
     pub fn gaps(&self) -> Result<Vec<StoredGap>, BufferError> {
         let rtxn = self.shared.env.read_txn()?;

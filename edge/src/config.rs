@@ -20,9 +20,49 @@ pub struct EdgeConfig {
     /// The embedded MQTT broker devices publish to.
     #[serde(default)]
     pub mqtt: MqttSection,
+    /// The durable-ack MQTT port (optional).
+    pub durable: Option<DurableSection>,
     /// The durable buffer.
     #[serde(default)]
     pub buffer: BufferSection,
+}
+
+/// `[durable]`: an MQTT 3.1.1 and 5 port for publishers whose acknowledgements mean "on disk".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DurableSection {
+    /// Address devices connect to.
+    pub listen: SocketAddr,
+    /// Optional TLS: certificate chain and key in PEM.
+    pub tls: Option<TlsFiles>,
+    /// Optional username → password; when set, every client must log in.
+    pub users: Option<HashMap<String, String>>,
+    /// Most concurrent connections.
+    #[serde(default = "default_durable_connections")]
+    pub max_connections: usize,
+    /// Unanswered QoS 1/2 publishes per connection before the port stops reading it
+    /// (announced to MQTT 5 clients as receive maximum).
+    #[serde(default = "default_durable_inflight")]
+    pub max_inflight: u16,
+    /// Largest packet accepted.
+    #[serde(default = "default_durable_packet")]
+    pub max_packet: ByteSize,
+    /// Time allowed for the TLS handshake and CONNECT.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+}
+
+fn default_durable_connections() -> usize {
+    10_000
+}
+fn default_durable_inflight() -> u16 {
+    1_000
+}
+fn default_durable_packet() -> ByteSize {
+    ByteSize::kib(256)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// `[agent]`
@@ -231,6 +271,39 @@ impl EdgeConfig {
         if m.max_inflight == 0 || m.max_inflight > u16::MAX as usize {
             return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
         }
+        if let Some(d) = &self.durable {
+            if d.listen == m.listen || Some(d.listen) == m.listen_v5 {
+                return Err(invalid(
+                    "durable.listen",
+                    "must differ from the broker's ports",
+                ));
+            }
+            if d.max_inflight == 0 {
+                return Err(invalid("durable.max_inflight", "must be at least 1"));
+            }
+            if d.max_connections == 0 {
+                return Err(invalid("durable.max_connections", "must be at least 1"));
+            }
+            if d.max_packet.as_u64() < 64 || d.max_packet.as_u64() > 256 * 1024 * 1024 {
+                return Err(invalid(
+                    "durable.max_packet",
+                    "must be between 64B and 256MiB",
+                ));
+            }
+            if d.connect_timeout.is_zero() {
+                return Err(invalid("durable.connect_timeout", "must be above 0"));
+            }
+            if let Some(tls) = &d.tls {
+                for (key, path) in [
+                    ("durable.tls.cert", &tls.cert),
+                    ("durable.tls.key", &tls.key),
+                ] {
+                    if !path.exists() {
+                        return Err(invalid(key, format!("{} does not exist", path.display())));
+                    }
+                }
+            }
+        }
         if let Some(tls) = &m.tls {
             for (key, path) in [("mqtt.tls.cert", &tls.cert), ("mqtt.tls.key", &tls.key)] {
                 if !path.exists() {
@@ -277,6 +350,15 @@ max_payload = "256KiB"
 max_connections = 10000
 connect_timeout = "5s"
 max_inflight = 100
+
+[durable]                          # acknowledges QoS 1/2 only after the event is on disk
+listen = "0.0.0.0:1884"
+# tls = { cert = "certs/gw.pem", key = "certs/gw.key" }
+# users = { "dev1" = "secret" }
+max_connections = 10000
+max_inflight = 1000                # unanswered publishes per connection before it stops reading
+max_packet = "256KiB"
+connect_timeout = "5s"             # TLS handshake and CONNECT
 
 [buffer]
 max_bytes = "1GiB"                 # at most 80% of map_size

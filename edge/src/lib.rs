@@ -10,4 +10,5 @@ pub mod config;
 
 pub use agent::{broker_connection_errors, Agent, AgentError, BrokerErrorCounter};
 pub use config::EdgeConfig;
+pub mod durable;
 pub mod sim;

@@ -36,6 +36,16 @@ pub struct EdgeMetrics {
     pub write_errors: AtomicU64,
     /// Events refused as invalid (for example a wildcard in a PUBLISH topic).
     pub rejected_invalid: AtomicU64,
+    /// Open connections on the durable port.
+    pub durable_connections: AtomicU64,
+    /// Connections the durable port refused (limit, login, client id).
+    pub durable_refused: AtomicU64,
+    /// Connections the durable port closed for malformed packets or protocol violations.
+    pub durable_protocol_errors: AtomicU64,
+    /// PUBACKs and PUBRECs sent after commit.
+    pub durable_acks: AtomicU64,
+    /// Resent publishes recognised and not stored again.
+    pub durable_duplicates: AtomicU64,
 }
 
 /// A consistent-enough copy of the counters.
@@ -69,6 +79,16 @@ pub struct EdgeSnapshot {
     pub write_errors: u64,
     /// See [`EdgeMetrics::rejected_invalid`].
     pub rejected_invalid: u64,
+    /// See [`EdgeMetrics::durable_connections`].
+    pub durable_connections: u64,
+    /// See [`EdgeMetrics::durable_refused`].
+    pub durable_refused: u64,
+    /// See [`EdgeMetrics::durable_protocol_errors`].
+    pub durable_protocol_errors: u64,
+    /// See [`EdgeMetrics::durable_acks`].
+    pub durable_acks: u64,
+    /// See [`EdgeMetrics::durable_duplicates`].
+    pub durable_duplicates: u64,
 }
 
 impl EdgeMetrics {
@@ -100,6 +120,11 @@ impl EdgeMetrics {
             oldest_event_us: self.oldest_event_us.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
             rejected_invalid: self.rejected_invalid.load(Relaxed),
+            durable_connections: self.durable_connections.load(Relaxed),
+            durable_refused: self.durable_refused.load(Relaxed),
+            durable_protocol_errors: self.durable_protocol_errors.load(Relaxed),
+            durable_acks: self.durable_acks.load(Relaxed),
+            durable_duplicates: self.durable_duplicates.load(Relaxed),
         }
     }
 }

@@ -2,98 +2,16 @@
 //! PUBLISH topic. Each is refused (the connection closed, or the event refused and counted),
 //! nothing invalid reaches the buffer, and a well-behaved client keeps being served.
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::*;
+
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use telemesh_edge::{Agent, EdgeConfig};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    remaining_length(body.len(), &mut p);
-    p.extend_from_slice(body);
-    p
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-/// An MQTT 3.1.1 session over a plain socket, for sending what no client library would.
-fn connect_raw(addr: SocketAddr, id: &str) -> TcpStream {
-    handshake(TcpStream::connect(addr).unwrap(), id)
-}
-
-fn handshake(mut s: TcpStream, id: &str) -> TcpStream {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.extend_from_slice(&[4, 0x02, 0, 30]);
-    string(id.as_bytes(), &mut body);
-    s.write_all(&packet(0x10, &body)).unwrap();
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack).unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
-    s
-}
-
-fn publish_raw(topic: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic, &mut body);
-    body.extend_from_slice(&[0, 1]);
-    body.extend_from_slice(payload);
-    packet(0x32, &body)
-}
-
-/// True when the server closes the connection (EOF or reset) within the read timeout.
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
-}
-
-fn wait_until(mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < until, "condition not reached in time");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn bad_clients_are_refused_and_good_ones_keep_being_served() {
