@@ -103,7 +103,11 @@ fn kill_dash_nine_loses_no_acknowledged_event() {
         stored.len(),
         missing.len()
     );
-    assert!(missing.is_empty(), "acknowledged events lost: {:?}", &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "acknowledged events lost: {:?}",
+        &missing[..missing.len().min(10)]
+    );
 }
 
 #[test]
@@ -116,7 +120,8 @@ fn acks_wait_for_the_commit() {
     let (mut s, ack) = raw::open(addr, &raw::connect_packet(4, "stall", true, 30, None), 4);
     assert_eq!(ack, [0x20, 2, 0, 0]);
     // Warm up: one event through, so the buffer exists and the writer is idle.
-    s.write_all(&raw::publish_qos(4, 1, false, 1, b"site/stall", b"warm")).unwrap();
+    s.write_all(&raw::publish_qos(4, 1, false, 1, b"site/stall", b"warm"))
+        .unwrap();
     assert_eq!(raw::read_n(&mut s, 4), [0x40, 2, 0, 1]);
 
     let env = {
@@ -127,8 +132,10 @@ fn acks_wait_for_the_commit() {
         unsafe { o.open(buffer_dir(dir.path())) }.unwrap()
     };
     let lock = env.write_txn().unwrap();
-    s.write_all(&raw::publish_qos(4, 1, false, 2, b"site/stall", b"held")).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(1_500))).unwrap();
+    s.write_all(&raw::publish_qos(4, 1, false, 2, b"site/stall", b"held"))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1_500)))
+        .unwrap();
     let mut b = [0u8; 4];
     assert!(
         std::io::Read::read_exact(&mut s, &mut b).is_err(),
@@ -137,7 +144,11 @@ fn acks_wait_for_the_commit() {
     lock.abort();
     drop(env);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    assert_eq!(raw::read_n(&mut s, 4), [0x40, 2, 0, 2], "PUBACK once committed");
+    assert_eq!(
+        raw::read_n(&mut s, 4),
+        [0x40, 2, 0, 2],
+        "PUBACK once committed"
+    );
     agent.kill9();
     let payloads: Vec<Vec<u8>> = look(dir.path())
         .events
@@ -157,7 +168,8 @@ fn qos2_resent_after_kill_dash_nine_is_not_stored_twice() {
     wait_listening(addr);
     let connect = raw::connect_packet(4, "q2-crash", false, 30, None);
     let (mut s, _) = raw::open(addr, &connect, 4);
-    s.write_all(&raw::publish_qos(4, 2, false, 42, b"site/q2", b"once")).unwrap();
+    s.write_all(&raw::publish_qos(4, 2, false, 42, b"site/q2", b"once"))
+        .unwrap();
     assert_eq!(raw::read_n(&mut s, 4), [0x50, 2, 0, 42]);
     agent.kill9();
     drop(s);
@@ -166,7 +178,8 @@ fn qos2_resent_after_kill_dash_nine_is_not_stored_twice() {
     wait_listening(addr);
     let (mut s, ack) = raw::open(addr, &connect, 4);
     assert_eq!(ack, [0x20, 2, 1, 0], "session present after the crash");
-    s.write_all(&raw::publish_qos(4, 2, true, 42, b"site/q2", b"once")).unwrap();
+    s.write_all(&raw::publish_qos(4, 2, true, 42, b"site/q2", b"once"))
+        .unwrap();
     assert_eq!(raw::read_n(&mut s, 4), [0x50, 2, 0, 42]);
     s.write_all(&[0x62, 2, 0, 42]).unwrap();
     assert_eq!(raw::read_n(&mut s, 4), [0x70, 2, 0, 42]);

@@ -989,6 +989,7 @@ impl Writer {
             return Err(f);
         }
         for attempt in 0..4 {
+            let began = Instant::now();
             let snapshot = self.meta.clone();
             let mut effects = TxnEffects::default();
             let shared = self.shared.clone();
@@ -1031,6 +1032,7 @@ impl Writer {
             match outcome {
                 Ok(Applied::Ok) => {
                     let m = &self.shared.metrics;
+                    m.record_commit(began.elapsed());
                     m.commits.fetch_add(1, Relaxed);
                     m.buffer_events.store(self.meta.events, Relaxed);
                     m.buffer_bytes.store(self.meta.bytes, Relaxed);

@@ -2,12 +2,17 @@
 //! (the metrics endpoint, tests, the demo).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
 
 use telemesh_proto::GapReason;
 
 /// Counters of one edge agent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EdgeMetrics {
+    /// Time of each buffer commit (transaction and sync), in µs.
+    pub commit_us: Mutex<Histogram<u64>>,
     /// Events taken in from devices (stored or not).
     pub events_in: AtomicU64,
     /// Topic and payload bytes taken in from devices.
@@ -91,7 +96,56 @@ pub struct EdgeSnapshot {
     pub durable_duplicates: u64,
 }
 
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        EdgeMetrics {
+            commit_us: Mutex::new(Histogram::new(3).expect("histogram bounds")),
+            events_in: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            buffer_events: AtomicU64::new(0),
+            buffer_bytes: AtomicU64::new(0),
+            buffer_max_bytes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            drops_evicted: AtomicU64::new(0),
+            drops_refused: AtomicU64::new(0),
+            drops_overrun: AtomicU64::new(0),
+            drops_storage: AtomicU64::new(0),
+            oldest_event_us: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            rejected_invalid: AtomicU64::new(0),
+            durable_connections: AtomicU64::new(0),
+            durable_refused: AtomicU64::new(0),
+            durable_protocol_errors: AtomicU64::new(0),
+            durable_acks: AtomicU64::new(0),
+            durable_duplicates: AtomicU64::new(0),
+        }
+    }
+}
+
 impl EdgeMetrics {
+    /// Records one commit's duration.
+    pub fn record_commit(&self, took: std::time::Duration) {
+        if let Ok(mut h) = self.commit_us.lock() {
+            let _ = h.record(took.as_micros() as u64);
+        }
+    }
+
+    /// Commit time (µs) at quantile `q`.
+    pub fn commit_quantile(&self, q: f64) -> u64 {
+        self.commit_us
+            .lock()
+            .map(|h| h.value_at_quantile(q))
+            .unwrap_or(0)
+    }
+
+    /// Forgets the commit times recorded so far.
+    pub fn reset_commit_times(&self) {
+        if let Ok(mut h) = self.commit_us.lock() {
+            h.reset();
+        }
+    }
+
     /// Counts `n` events lost for `reason`.
     pub fn count_drop(&self, reason: GapReason, n: u64) {
         let counter = match reason {
