@@ -305,3 +305,170 @@ fn a_full_buffer_under_block_stops_reading_instead_of_losing() {
     );
     agent.shutdown().unwrap();
 }
+
+#[test]
+fn tls_login_connection_limit_handshake_timeout_and_mqtt5_headers() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("gw.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("gw.key"), cert.signing_key.serialize_pem()).unwrap();
+    let cfg = EdgeConfig::from_toml(&format!(
+        r#"
+[agent]
+id = "gw-durable-tls"
+data_dir = "{d}/data"
+[mqtt]
+listen = "127.0.0.1:{p}"
+[durable]
+listen = "127.0.0.1:0"
+tls = {{ cert = "{d}/gw.pem", key = "{d}/gw.key" }}
+users = {{ "dev1" = "secret" }}
+max_connections = 3
+connect_timeout = "1s"
+[buffer]
+max_bytes = "64MiB"
+map_size = "128MiB"
+"#,
+        d = dir.path().display(),
+        p = free_port()
+    ))
+    .unwrap();
+    let agent = Agent::start(&cfg).unwrap();
+    let addr = agent.durable_addr().unwrap();
+    let tls = || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(c)))
+    };
+
+    // The connection limit: with 3 open, a 4th is closed at once.
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    wait_until(|| agent.metrics().snapshot().durable_connections >= 3);
+    let mut fourth = std::net::TcpStream::connect(addr).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(closed_by_server(&mut fourth), "over the limit: closed");
+    drop(held);
+    wait_until(|| agent.metrics().snapshot().durable_connections == 0);
+
+    // A silent TCP connection is closed when the handshake times out.
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(
+        closed_by_server(&mut silent),
+        "no TLS handshake within 1 s: closed"
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // MQTT 3.1.1 over TLS, right password, keep-alive 0 (allowed here, unlike rumqttd).
+        let mut o = MqttOptions::new("tls-ok", "localhost", addr.port());
+        o.set_credentials("dev1", "secret");
+        o.set_keep_alive(Duration::from_secs(0));
+        o.set_transport(tls());
+        let (c, mut ev) = AsyncClient::new(o, 10);
+        c.publish("site/tls", QoS::AtLeastOnce, false, "on-disk")
+            .await
+            .unwrap();
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = ev.poll().await.unwrap() {
+                break;
+            }
+        }
+        // QoS 0 is stored too (no acknowledgement to wait for): flush by a QoS 1 after it.
+        c.publish("site/tls", QoS::AtMostOnce, false, "qos0")
+            .await
+            .unwrap();
+        c.publish("site/tls", QoS::AtLeastOnce, false, "after")
+            .await
+            .unwrap();
+        let mut acks = 0;
+        while acks < 1 {
+            if let Event::Incoming(Packet::PubAck(_)) = ev.poll().await.unwrap() {
+                acks += 1;
+            }
+        }
+
+        // A wrong password is refused.
+        let mut o = MqttOptions::new("tls-bad", "localhost", addr.port());
+        o.set_credentials("dev1", "nope");
+        o.set_transport(tls());
+        let (_c, mut ev) = AsyncClient::new(o, 10);
+        loop {
+            match ev.poll().await {
+                Err(e) => {
+                    assert!(
+                        e.to_string().to_lowercase().contains("refused")
+                            || e.to_string().contains("BadUserNamePassword"),
+                        "{e}"
+                    );
+                    break;
+                }
+                Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                    panic!("accepted with a wrong password: {a:?}")
+                }
+                Ok(_) => {}
+            }
+        }
+
+        // MQTT 5 user properties and content type become headers.
+        let mut o = rumqttc::v5::MqttOptions::new("tls-v5", "localhost", addr.port());
+        o.set_credentials("dev1", "secret");
+        o.set_transport(tls());
+        let (c, mut ev) = rumqttc::v5::AsyncClient::new(o, 10);
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            user_properties: vec![("unit".into(), "C".into())],
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        c.publish_with_properties(
+            "site/v5",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "21.5",
+            props,
+        )
+        .await
+        .unwrap();
+        loop {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(_)) =
+                ev.poll().await.unwrap()
+            {
+                break;
+            }
+        }
+    });
+
+    // Clients gone, their connections end on the server too.
+    wait_until(|| agent.metrics().snapshot().durable_connections == 0);
+
+    let events = agent.reader().read(None, usize::MAX).unwrap();
+    let payloads: Vec<&[u8]> = events.iter().map(|s| s.event.payload.as_slice()).collect();
+    assert_eq!(payloads, vec![&b"on-disk"[..], b"qos0", b"after", b"21.5"]);
+    let h = events[3].event.headers.as_ref().expect("headers");
+    assert_eq!(h.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        h.user_properties,
+        vec![("unit".to_string(), "C".to_string())]
+    );
+    let m = agent.metrics().snapshot();
+    assert!(m.durable_refused >= 2, "bad login and the limit: {m:?}");
+    assert!(
+        m.durable_protocol_errors >= 1,
+        "the handshake timeout: {m:?}"
+    );
+    agent.shutdown().unwrap();
+}
