@@ -63,6 +63,21 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         inflight: u16,
     },
+    /// Make a CA and certificates for nodes, edge agents and clients.
+    Certs {
+        /// Directory to write ca.pem, ca.key, NAME.pem and NAME.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// A node certificate (server and client; also names localhost, 127.0.0.1, ::1).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// An edge agent certificate (its name is the agent id).
+        #[arg(long = "edge")]
+        edges: Vec<String>,
+        /// A client certificate (for `sub`, `status` and services).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
     /// Print the wire protocol's version and error codes.
     Protocol,
 }
@@ -152,6 +167,18 @@ fn main() -> Result<()> {
                     "only {} of {count} messages were acknowledged",
                     report.acked
                 );
+            }
+        }
+        Command::Certs {
+            out,
+            nodes,
+            edges,
+            clients,
+        } => {
+            let files = telemesh_mesh::pki::write_mesh(&out, &nodes, &edges, &clients)
+                .context("cannot write certificates")?;
+            for f in files {
+                println!("{}", f.display());
             }
         }
         Command::Protocol => {

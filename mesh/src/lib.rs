@@ -1,0 +1,5 @@
+//! The telemesh mesh node and what every QUIC peer of the mesh shares.
+//!
+//! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
+
+pub mod pki;
