@@ -3,3 +3,4 @@
 //! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
 
 pub mod pki;
+pub mod tls;
