@@ -2,5 +2,6 @@
 //!
 //! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
 
+pub mod log;
 pub mod pki;
 pub mod tls;

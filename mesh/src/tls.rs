@@ -101,7 +101,10 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 }
 
 /// A server config that requires client certificates from the mesh CA.
-pub fn server_config(roots: Arc<rustls::RootCertStore>, id: Identity) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(
+    roots: Arc<rustls::RootCertStore>,
+    id: Identity,
+) -> Result<quinn::ServerConfig, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -118,7 +121,10 @@ pub fn server_config(roots: Arc<rustls::RootCertStore>, id: Identity) -> Result<
 }
 
 /// A client config presenting `id` and trusting the mesh CA.
-pub fn client_config(roots: Arc<rustls::RootCertStore>, id: Identity) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    roots: Arc<rustls::RootCertStore>,
+    id: Identity,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)

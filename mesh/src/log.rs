@@ -1,0 +1,562 @@
+//! The node's durable event log (LMDB via heed).
+//!
+//! # Format (format version 1)
+//!
+//! One environment in `data_dir/log`:
+//! - `log`: node seq (u64 BE) → postcard [`Record`] (an event with its identity and ingest
+//!   time, or a gap record). Node seqs are ingest order and never reused; ingest time never
+//!   goes backwards (max(previous, now)), so a start time is a binary search.
+//! - `held`: `origin ‖ 0 ‖ epoch (BE)` → postcard [`RangeSet`] of the seqs this log holds.
+//! - `lost`: same key → [`RangeSet`] of seqs known lost (gap records by range).
+//! - `gapseen`: `origin ‖ 0 ‖ epoch ‖ after ‖ ts_us` → empty: unsequenced gaps already stored.
+//! - `meta`: `"meta"` → postcard `Meta` (format, node id, incarnation, next node seq, last
+//!   ingest time).
+//!
+//! # Invariants
+//! - One writer thread; ingests are grouped into one transaction and answered only after it
+//!   commits (synced per `sync`): an acknowledged batch is durable.
+//! - Dedupe is exact and has no window: an event is stored only if its seq is not in `held`
+//!   for its (origin, epoch), and `held` is updated in the same transaction.
+//! - A failed commit poisons the writer: later ingests are refused with the error.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use heed::types::Bytes;
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RwTxn, WithoutTls};
+use serde::{Deserialize, Serialize};
+use telemesh_proto::{Event, Gap, GapKind, RangeSet};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
+
+type Db = Database<'static, Bytes, Bytes>;
+
+/// The format this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One entry of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// An event.
+    Event {
+        /// Its origin.
+        origin: String,
+        /// Its epoch.
+        epoch: u64,
+        /// When this node stored it (µs since the Unix epoch).
+        ingest_us: u64,
+        /// The event with its seq.
+        event: Event,
+    },
+    /// A gap record: events lost at the edge.
+    Gap {
+        /// Its origin.
+        origin: String,
+        /// Its epoch.
+        epoch: u64,
+        /// When this node stored it.
+        ingest_us: u64,
+        /// What was lost.
+        gap: Gap,
+    },
+}
+
+impl Record {
+    /// The ingest time.
+    pub fn ingest_us(&self) -> u64 {
+        match self {
+            Record::Event { ingest_us, .. } | Record::Gap { ingest_us, .. } => *ingest_us,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    format: u32,
+    node_id: String,
+    incarnation: u64,
+    next_seq: u64,
+    last_ingest_us: u64,
+}
+
+/// When commits reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sync {
+    /// Every commit syncs.
+    Always,
+    /// The OS decides (NO_SYNC); used for `interval` with a periodic sync.
+    Interval,
+    /// The OS decides.
+    None,
+}
+
+/// What one ingest did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IngestOutcome {
+    /// Events newly stored.
+    pub stored: u64,
+    /// Events already held (dropped as duplicates).
+    pub duplicates: u64,
+    /// Gap records newly stored.
+    pub gaps: u64,
+}
+
+/// Errors of the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// LMDB failed.
+    #[error("lmdb: {0}")]
+    Lmdb(#[from] heed::Error),
+    /// A record could not be decoded.
+    #[error("corrupt log record: {0}")]
+    Corrupt(String),
+    /// The directory belongs to another node or format.
+    #[error("{0}")]
+    Mismatch(String),
+    /// The writer failed or stopped.
+    #[error("log writer: {0}")]
+    Writer(String),
+    /// The directory could not be created.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Shared {
+    env: Env<WithoutTls>,
+    log: Db,
+    held: Db,
+    lost: Db,
+    gapseen: Db,
+    meta: Db,
+}
+
+enum Cmd {
+    Ingest {
+        origin: String,
+        epoch: u64,
+        events: Vec<Event>,
+        gaps: Vec<Gap>,
+        reply: oneshot::Sender<Result<IngestOutcome, String>>,
+    },
+    Stop,
+}
+
+/// The node's log: ingest through [`NodeLog::ingest`], read through [`NodeLog::read`], follow
+/// commits through [`NodeLog::committed`].
+pub struct NodeLog {
+    shared: Arc<Shared>,
+    tx: flume::Sender<Cmd>,
+    writer: Option<JoinHandle<()>>,
+    committed: watch::Receiver<u64>,
+    node_id: String,
+    incarnation: u64,
+}
+
+impl std::fmt::Debug for NodeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLog")
+            .field("node_id", &self.node_id)
+            .field("incarnation", &self.incarnation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn origin_key(origin: &str, epoch: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(origin.len() + 9);
+    k.extend_from_slice(origin.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("in-memory postcard encoding cannot fail")
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+const META: &[u8] = b"meta";
+
+impl NodeLog {
+    /// Opens (or creates) the log of node `node_id` in `dir`.
+    pub fn open(dir: &Path, node_id: &str, map_size: u64, sync: Sync) -> Result<NodeLog, LogError> {
+        std::fs::create_dir_all(dir)?;
+        let mut o = EnvOpenOptions::new().read_txn_without_tls();
+        o.map_size(map_size as usize).max_dbs(8);
+        if sync != Sync::Always {
+            // SAFETY: NO_SYNC defers fsync to the OS or our force_sync; never WRITEMAP or
+            // NO_META_SYNC.
+            unsafe {
+                o.flags(EnvFlags::NO_SYNC);
+            }
+        }
+        // SAFETY: the node's own directory, opened once per process.
+        let env = unsafe { o.open(dir) }?;
+        let wtxn = env.write_txn()?;
+        let (log, held, lost, gapseen, meta) = env
+            .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
+                Ok(CommitOrAbort::<_, ()>::Commit((
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("log"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("held"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("lost"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("gapseen"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("meta"))?,
+                )))
+            })?
+            .unwrap_commit();
+        let shared = Arc::new(Shared {
+            env,
+            log,
+            held,
+            lost,
+            gapseen,
+            meta,
+        });
+        let mut wtxn = shared.env.write_txn()?;
+        let meta = match shared.meta.get(&wtxn, META)? {
+            Some(b) => {
+                let m: Meta =
+                    postcard::from_bytes(b).map_err(|e| LogError::Corrupt(e.to_string()))?;
+                if m.format != FORMAT_VERSION {
+                    return Err(LogError::Mismatch(format!(
+                        "log format {} is not {FORMAT_VERSION}",
+                        m.format
+                    )));
+                }
+                if m.node_id != node_id {
+                    return Err(LogError::Mismatch(format!(
+                        "log in {} belongs to node {:?}, not {node_id:?}",
+                        dir.display(),
+                        m.node_id
+                    )));
+                }
+                m
+            }
+            None => {
+                let m = Meta {
+                    format: FORMAT_VERSION,
+                    node_id: node_id.to_owned(),
+                    incarnation: rand::random::<u64>() >> 11,
+                    next_seq: 1,
+                    last_ingest_us: 0,
+                };
+                shared.meta.put(&mut wtxn, META, &encode(&m))?;
+                m
+            }
+        };
+        wtxn.commit()?;
+        shared.env.force_sync()?;
+        let (committed_tx, committed) = watch::channel(meta.next_seq - 1);
+        let incarnation = meta.incarnation;
+        info!(node_id, incarnation, next_seq = meta.next_seq, "log open");
+        let (tx, rx) = flume::bounded(4096);
+        let ws = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || {
+                Writer {
+                    shared: ws,
+                    meta,
+                    held: HashMap::new(),
+                    lost: HashMap::new(),
+                    failed: None,
+                    committed: committed_tx,
+                    sync,
+                    last_sync: Instant::now(),
+                }
+                .run(rx)
+            })?;
+        Ok(NodeLog {
+            shared,
+            tx,
+            writer: Some(writer),
+            committed,
+            node_id: node_id.to_owned(),
+            incarnation,
+        })
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The log's incarnation: new whenever the log is created anew.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Stores a batch's events (deduplicated) and gaps; returns once committed.
+    pub async fn ingest(
+        &self,
+        origin: String,
+        epoch: u64,
+        events: Vec<Event>,
+        gaps: Vec<Gap>,
+    ) -> Result<IngestOutcome, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Ingest {
+                origin,
+                epoch,
+                events,
+                gaps,
+                reply,
+            })
+            .await
+            .map_err(|_| LogError::Writer("stopped".into()))?;
+        rx.await
+            .map_err(|_| LogError::Writer("stopped".into()))?
+            .map_err(LogError::Writer)
+    }
+
+    /// The last committed node seq, as it changes.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Up to `max` records from node seq `from` (inclusive), in order.
+    pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Record)>, LogError> {
+        let rtxn = self.shared.env.read_txn()?;
+        let start = from.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self
+            .shared
+            .log
+            .range(&rtxn, &(Bound::Included(&start[..]), Bound::Unbounded))?
+        {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = item?;
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(k);
+            let rec: Record =
+                postcard::from_bytes(v).map_err(|e| LogError::Corrupt(e.to_string()))?;
+            out.push((u64::from_be_bytes(seq), rec));
+        }
+        Ok(out)
+    }
+
+    /// The seqs held for (origin, epoch).
+    pub fn held(&self, origin: &str, epoch: u64) -> Result<RangeSet, LogError> {
+        let rtxn = self.shared.env.read_txn()?;
+        Ok(
+            match self.shared.held.get(&rtxn, &origin_key(origin, epoch))? {
+                Some(b) => postcard::from_bytes(b).map_err(|e| LogError::Corrupt(e.to_string()))?,
+                None => RangeSet::new(),
+            },
+        )
+    }
+}
+
+impl Drop for NodeLog {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Stop);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    meta: Meta,
+    held: HashMap<Vec<u8>, RangeSet>,
+    lost: HashMap<Vec<u8>, RangeSet>,
+    failed: Option<String>,
+    committed: watch::Sender<u64>,
+    sync: Sync,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn run(mut self, rx: flume::Receiver<Cmd>) {
+        let _span = tracing::info_span!("log_writer", node = %self.meta.node_id).entered();
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+            }
+            let stop = group.iter().any(|c| matches!(c, Cmd::Stop));
+            self.commit(group);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, group: Vec<Cmd>) {
+        let mut replies = Vec::new();
+        let mut batches = Vec::new();
+        for c in group {
+            if let Cmd::Ingest {
+                origin,
+                epoch,
+                events,
+                gaps,
+                reply,
+            } = c
+            {
+                batches.push((origin, epoch, events, gaps));
+                replies.push(reply);
+            }
+        }
+        if batches.is_empty() {
+            return;
+        }
+        if let Some(f) = &self.failed {
+            for r in replies {
+                let _ = r.send(Err(f.clone()));
+            }
+            return;
+        }
+        let snapshot = self.meta.clone();
+        let mut dirty: HashSet<Vec<u8>> = HashSet::new();
+        let shared = self.shared.clone();
+        let result = (|| -> Result<Vec<IngestOutcome>, heed::Error> {
+            let mut wtxn = shared.env.write_txn()?;
+            let mut outcomes = Vec::new();
+            for (origin, epoch, events, gaps) in &batches {
+                outcomes.push(self.apply(&mut wtxn, origin, *epoch, events, gaps, &mut dirty)?);
+            }
+            for key in &dirty {
+                if let Some(set) = self.held.get(key) {
+                    shared.held.put(&mut wtxn, key, &encode(set))?;
+                }
+                if let Some(set) = self.lost.get(key) {
+                    shared.lost.put(&mut wtxn, key, &encode(set))?;
+                }
+            }
+            shared.meta.put(&mut wtxn, META, &encode(&self.meta))?;
+            wtxn.commit()?;
+            if self.sync == Sync::Interval && self.last_sync.elapsed().as_millis() >= 100 {
+                shared.env.force_sync()?;
+                self.last_sync = Instant::now();
+            }
+            Ok(outcomes)
+        })();
+        match result {
+            Ok(outcomes) => {
+                let _ = self.committed.send(self.meta.next_seq - 1);
+                for (r, o) in replies.into_iter().zip(outcomes) {
+                    let _ = r.send(Ok(o));
+                }
+            }
+            Err(e) => {
+                // Forget cached sets this transaction touched: they will be reloaded.
+                for k in &dirty {
+                    self.held.remove(k);
+                    self.lost.remove(k);
+                }
+                self.meta = snapshot;
+                let why = e.to_string();
+                error!(error = %why, "log commit failed: the writer stops writing");
+                self.failed = Some(why.clone());
+                for r in replies {
+                    let _ = r.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+
+    fn set<'a>(
+        cache: &'a mut HashMap<Vec<u8>, RangeSet>,
+        db: Db,
+        wtxn: &RwTxn,
+        key: &[u8],
+    ) -> Result<&'a mut RangeSet, heed::Error> {
+        if !cache.contains_key(key) {
+            let set = match db.get(wtxn, key)? {
+                Some(b) => postcard::from_bytes(b).unwrap_or_default(),
+                None => RangeSet::new(),
+            };
+            cache.insert(key.to_vec(), set);
+        }
+        Ok(cache.get_mut(key).expect("inserted above"))
+    }
+
+    fn apply(
+        &mut self,
+        wtxn: &mut RwTxn,
+        origin: &str,
+        epoch: u64,
+        events: &[Event],
+        gaps: &[Gap],
+        dirty: &mut HashSet<Vec<u8>>,
+    ) -> Result<IngestOutcome, heed::Error> {
+        let key = origin_key(origin, epoch);
+        let ingest_us = now_us().max(self.meta.last_ingest_us);
+        self.meta.last_ingest_us = ingest_us;
+        let mut out = IngestOutcome::default();
+        let held_db = self.shared.held;
+        let log_db = self.shared.log;
+        for ev in events {
+            let held = Self::set(&mut self.held, held_db, wtxn, &key)?;
+            if !held.insert(ev.seq) {
+                out.duplicates += 1;
+                continue;
+            }
+            dirty.insert(key.clone());
+            let rec = Record::Event {
+                origin: origin.to_owned(),
+                epoch,
+                ingest_us,
+                event: ev.clone(),
+            };
+            let seq = self.meta.next_seq;
+            self.meta.next_seq += 1;
+            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &encode(&rec))?;
+            out.stored += 1;
+        }
+        let lost_db = self.shared.lost;
+        for gap in gaps {
+            let fresh = match gap.kind {
+                GapKind::Range { first, last } => {
+                    let lost = Self::set(&mut self.lost, lost_db, wtxn, &key)?;
+                    let new = !lost.contains_range(first, last);
+                    lost.insert_range(first, last);
+                    new
+                }
+                GapKind::Unsequenced { after, .. } => {
+                    let mut k = key.clone();
+                    k.extend_from_slice(&after.to_be_bytes());
+                    k.extend_from_slice(&gap.ts_us.to_be_bytes());
+                    let seen = self.shared.gapseen.get(wtxn, &k)?.is_some();
+                    if !seen {
+                        self.shared.gapseen.put(wtxn, &k, &[])?;
+                    }
+                    !seen
+                }
+            };
+            if !fresh {
+                continue;
+            }
+            dirty.insert(key.clone());
+            let rec = Record::Gap {
+                origin: origin.to_owned(),
+                epoch,
+                ingest_us,
+                gap: gap.clone(),
+            };
+            let seq = self.meta.next_seq;
+            self.meta.next_seq += 1;
+            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &encode(&rec))?;
+            out.gaps += 1;
+        }
+        Ok(out)
+    }
+}
