@@ -2,6 +2,9 @@
 //!
 //! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
 
+pub mod config;
 pub mod log;
+pub mod node;
 pub mod pki;
 pub mod tls;
+pub mod wire;

@@ -106,6 +106,16 @@ pub struct IngestOutcome {
     pub gaps: u64,
 }
 
+/// A submitted batch's outcome, reported after its commit.
+pub type Pending = oneshot::Receiver<Result<IngestOutcome, String>>;
+
+/// Waits for a submitted batch's commit.
+pub async fn wait_commit(rx: Pending) -> Result<IngestOutcome, LogError> {
+    rx.await
+        .map_err(|_| LogError::Writer("stopped".into()))?
+        .map_err(LogError::Writer)
+}
+
 /// Errors of the log.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -304,6 +314,19 @@ impl NodeLog {
         events: Vec<Event>,
         gaps: Vec<Gap>,
     ) -> Result<IngestOutcome, LogError> {
+        let rx = self.submit(origin, epoch, events, gaps).await?;
+        wait_commit(rx).await
+    }
+
+    /// Queues a batch for the writer (in call order) and returns where its outcome will be
+    /// reported once committed; see [`wait_commit`].
+    pub async fn submit(
+        &self,
+        origin: String,
+        epoch: u64,
+        events: Vec<Event>,
+        gaps: Vec<Gap>,
+    ) -> Result<Pending, LogError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Cmd::Ingest {
@@ -315,9 +338,7 @@ impl NodeLog {
             })
             .await
             .map_err(|_| LogError::Writer("stopped".into()))?;
-        rx.await
-            .map_err(|_| LogError::Writer("stopped".into()))?
-            .map_err(LogError::Writer)
+        Ok(rx)
     }
 
     /// The last committed node seq, as it changes.

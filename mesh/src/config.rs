@@ -1,0 +1,204 @@
+//! `node.toml`: a node's configuration. Unknown keys are errors that name the key;
+//! [`NodeConfig::validate`] names the key of every impossible value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use telemesh_proto::topic::validate_filter;
+use telemesh_proto::Role;
+
+use crate::log::Sync;
+
+/// The whole `node.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node itself.
+    pub node: NodeSection,
+    /// Who may do what (default deny).
+    #[serde(default)]
+    pub access: Vec<Access>,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's id; its certificate's name.
+    pub id: String,
+    /// Where the log lives (`data_dir/log`).
+    pub data_dir: PathBuf,
+    /// UDP address for QUIC.
+    pub listen: SocketAddr,
+    /// The mesh CA (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// This node's key (PEM).
+    pub key: PathBuf,
+    /// `always`, `interval` or `none`.
+    #[serde(default = "default_sync")]
+    pub sync: Sync,
+    /// LMDB map size of the log.
+    #[serde(default = "default_map_size")]
+    pub map_size: ByteSize,
+    /// Largest event (topic + payload) stored.
+    #[serde(default = "default_max_event")]
+    pub max_event_bytes: ByteSize,
+    /// Largest frame accepted.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: ByteSize,
+}
+
+fn default_sync() -> Sync {
+    Sync::Always
+}
+fn default_map_size() -> ByteSize {
+    ByteSize::gib(64)
+}
+fn default_max_event() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_max_frame() -> ByteSize {
+    ByteSize::mib(16)
+}
+
+/// `[[access]]`: one identity's role and filters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// The certificate identity.
+    pub identity: String,
+    /// `uplink`, `consumer` or `peer`.
+    pub role: RoleName,
+    /// For uplinks: MQTT filters every event's topic must match.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// For consumers and peers: filters a subscription must lie within.
+    pub read: Option<Vec<String>>,
+}
+
+/// A role as written in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    /// An edge agent's uplink.
+    Uplink,
+    /// A consumer.
+    Consumer,
+    /// Another node.
+    Peer,
+}
+
+impl RoleName {
+    /// The wire role.
+    pub fn role(self) -> Role {
+        match self {
+            RoleName::Uplink => Role::Uplink,
+            RoleName::Consumer => Role::Consumer,
+            RoleName::Peer => Role::Peer,
+        }
+    }
+}
+
+/// A config that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not the schema (unknown key, wrong type).
+    #[error("{0}")]
+    Parse(#[from] toml::de::Error),
+    /// An impossible value.
+    #[error("{key}: {why}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        why: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        why: why.into(),
+    }
+}
+
+impl NodeConfig {
+    /// Parses and validates TOML.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node;
+        if n.id.is_empty() || n.id.contains('/') {
+            return Err(invalid("node.id", "must be a non-empty name without '/'"));
+        }
+        for (key, path) in [
+            ("node.ca", &n.ca),
+            ("node.cert", &n.cert),
+            ("node.key", &n.key),
+        ] {
+            if !path.exists() {
+                return Err(invalid(key, format!("{} does not exist", path.display())));
+            }
+        }
+        if n.map_size.as_u64() < 1 << 20 {
+            return Err(invalid("node.map_size", "must be at least 1MiB"));
+        }
+        if n.max_event_bytes.as_u64() == 0
+            || n.max_event_bytes.as_u64() >= n.max_frame_bytes.as_u64()
+        {
+            return Err(invalid(
+                "node.max_event_bytes",
+                "must be above 0 and below node.max_frame_bytes",
+            ));
+        }
+        if n.max_frame_bytes.as_u64() > u64::from(u32::MAX) {
+            return Err(invalid("node.max_frame_bytes", "must be below 4GiB"));
+        }
+        for (i, a) in self.access.iter().enumerate() {
+            for f in a.publish.iter().chain(a.read.iter().flatten()) {
+                validate_filter(f)
+                    .map_err(|e| invalid(format!("access[{i}]"), format!("filter {f:?}: {e}")))?;
+            }
+            if a.role == RoleName::Uplink && a.publish.is_empty() {
+                return Err(invalid(
+                    format!("access[{i}].publish"),
+                    "an uplink needs at least one filter",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The access entry for `identity` in `role`, if any.
+    pub fn access_for(&self, identity: &str, role: Role) -> Option<&Access> {
+        self.access
+            .iter()
+            .find(|a| a.identity == identity && a.role.role() == role)
+    }
+}

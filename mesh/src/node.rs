@@ -1,0 +1,434 @@
+//! The mesh node's QUIC server: mutual TLS, the hello handshake with `[[access]]` checks, and
+//! uplink ingest.
+//!
+//! An uplink connection carries its batches in order on one bidirectional stream. The
+//! connection task validates each batch (origin = certificate identity; every event's topic
+//! valid, within the uplink's `publish` filters and within the node's maximum size — an event
+//! that is not is refused on its own, a poison pill, and the rest of the batch is stored),
+//! queues it for the log writer in arrival order, and an acker task answers `Ack` in batch
+//! order as each commit completes — so a window of batches is in flight while the node
+//! acknowledges only what is durable.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use telemesh_proto::frame::{Compression, Rejection};
+use telemesh_proto::topic::{matches, validate_topic_name};
+use telemesh_proto::{ErrorCode, Frame, Role, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::{Access, NodeConfig};
+use crate::log::{wait_commit, NodeLog, Pending};
+use crate::tls::{self, Identity, TlsError};
+use crate::wire::{write_frame, FrameReader, WireError};
+
+/// The node's counters.
+#[derive(Debug, Default)]
+pub struct NodeMetrics {
+    /// Connections accepted (handshake done).
+    pub connections: AtomicU64,
+    /// Connections refused at the TLS handshake or the hello.
+    pub refused: AtomicU64,
+    /// Batches acknowledged.
+    pub batches_acked: AtomicU64,
+    /// Batches refused whole.
+    pub batches_refused: AtomicU64,
+    /// Events stored.
+    pub events_stored: AtomicU64,
+    /// Events dropped as duplicates.
+    pub duplicates: AtomicU64,
+    /// Events refused on their own (poison pills).
+    pub events_rejected: AtomicU64,
+    /// Connections closed for malformed or unexpected frames.
+    pub protocol_errors: AtomicU64,
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The log.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    /// The socket.
+    #[error("node.listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+struct Ctx {
+    cfg: NodeConfig,
+    log: Arc<NodeLog>,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct Node {
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+    log: Arc<NodeLog>,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl Node {
+    /// Opens the log, binds the QUIC endpoint and starts serving (on the current runtime).
+    pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
+        let n = &cfg.node;
+        let roots = tls::load_roots(&n.ca)?;
+        let server = tls::server_config(roots, Identity::load(&n.cert, &n.key)?)?;
+        let log = Arc::new(NodeLog::open(
+            &n.data_dir.join("log"),
+            &n.id,
+            n.map_size.as_u64(),
+            n.sync,
+        )?);
+        let socket = tls::udp_socket(n.listen).map_err(|source| NodeError::Bind {
+            addr: n.listen,
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| NodeError::Bind {
+            addr: n.listen,
+            source,
+        })?;
+        let metrics = Arc::new(NodeMetrics::default());
+        let ctx = Arc::new(Ctx {
+            cfg: cfg.clone(),
+            log: log.clone(),
+            metrics: metrics.clone(),
+        });
+        let ep = endpoint.clone();
+        let task = tokio::spawn(
+            async move {
+                while let Some(incoming) = ep.accept().await {
+                    let ctx = ctx.clone();
+                    let remote = incoming.remote_address();
+                    tokio::spawn(
+                        async move {
+                            match incoming.await {
+                                Ok(conn) => connection(conn, ctx).await,
+                                Err(e) => {
+                                    ctx.metrics.refused.fetch_add(1, Relaxed);
+                                    warn!(error = %e, "handshake failed");
+                                }
+                            }
+                        }
+                        .instrument(tracing::info_span!("conn", %remote)),
+                    );
+                }
+            }
+            .instrument(tracing::info_span!("node", id = %cfg.node.id)),
+        );
+        info!(id = %cfg.node.id, listen = ?endpoint.local_addr().ok(), incarnation = log.incarnation(), "node running");
+        Ok(Node {
+            endpoint,
+            task,
+            log,
+            metrics,
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// The node's log.
+    pub fn log(&self) -> &Arc<NodeLog> {
+        &self.log
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// Closes every connection with "shutting down" and stops.
+    pub async fn shutdown(self) {
+        self.endpoint.close(
+            quinn::VarInt::from_u32(u32::from(ErrorCode::SHUTTING_DOWN.0)),
+            b"shutting down",
+        );
+        self.endpoint.wait_idle().await;
+        self.task.abort();
+    }
+}
+
+fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    conn.close(
+        quinn::VarInt::from_u32(u32::from(code.0)),
+        reason.as_bytes(),
+    );
+}
+
+async fn reject(
+    send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
+    ctx: &Ctx,
+    code: ErrorCode,
+    reason: String,
+) {
+    ctx.metrics.refused.fetch_add(1, Relaxed);
+    warn!(%code, %reason, "connection refused");
+    let _ = write_frame(
+        send,
+        &Frame::Reject {
+            code,
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    close(conn, code, &reason);
+}
+
+async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
+    let Some(identity) = tls::peer_identity(&conn) else {
+        ctx.metrics.refused.fetch_add(1, Relaxed);
+        close(
+            &conn,
+            ErrorCode::UNKNOWN_IDENTITY,
+            "no identity in the client certificate",
+        );
+        return;
+    };
+    let span = tracing::info_span!("peer", %identity);
+    async move {
+        let Ok((mut send, recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let max_frame = ctx.cfg.node.max_frame_bytes.as_u64() as u32;
+        let mut reader = FrameReader::new(recv, max_frame);
+        let hello = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+                close(&conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                return;
+            }
+        };
+        let Frame::Hello {
+            version,
+            role,
+            id,
+            max_event_bytes,
+            ..
+        } = hello
+        else {
+            ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+            close(&conn, ErrorCode::UNEXPECTED_FRAME, "the first frame must be a hello");
+            return;
+        };
+        if version != PROTOCOL_VERSION {
+            let why = format!("protocol version {version} is not {PROTOCOL_VERSION}");
+            return reject(&mut send, &conn, &ctx, ErrorCode::UNSUPPORTED_VERSION, why).await;
+        }
+        if id != identity {
+            let why = format!("hello id {id:?} differs from the certificate's {identity:?}");
+            return reject(&mut send, &conn, &ctx, ErrorCode::IDENTITY_MISMATCH, why).await;
+        }
+        let Some(access) = ctx.cfg.access_for(&identity, role).cloned() else {
+            let known = ctx.cfg.access.iter().any(|a| a.identity == identity);
+            let (code, why) = if known {
+                (ErrorCode::ROLE_DENIED, format!("{identity} may not connect as {}", role.as_str()))
+            } else {
+                (ErrorCode::UNKNOWN_IDENTITY, format!("{identity} has no access entry"))
+            };
+            return reject(&mut send, &conn, &ctx, code, why).await;
+        };
+        let node_max = ctx.cfg.node.max_event_bytes.as_u64() as u32;
+        if role == Role::Uplink && max_event_bytes > node_max {
+            let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
+            return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
+        }
+        if role != Role::Uplink {
+            let why = format!("the {} role is not served by this node yet", role.as_str());
+            return reject(&mut send, &conn, &ctx, ErrorCode::ROLE_DENIED, why).await;
+        }
+        let welcome = Frame::Welcome {
+            version: PROTOCOL_VERSION,
+            node_id: ctx.cfg.node.id.clone(),
+            incarnation: ctx.log.incarnation(),
+            max_event_bytes: node_max,
+            max_frame_bytes: max_frame,
+            compression: Compression::None,
+        };
+        if write_frame(&mut send, &welcome).await.is_err() {
+            return;
+        }
+        ctx.metrics.connections.fetch_add(1, Relaxed);
+        debug!(role = role.as_str(), "welcomed");
+        uplink(conn, identity, access, reader, send, ctx).await;
+    }
+    .instrument(span)
+    .await
+}
+
+enum AckItem {
+    Pending(u64, Vec<Rejection>, Pending),
+    Refused(u64, ErrorCode, String),
+}
+
+async fn uplink(
+    conn: quinn::Connection,
+    identity: String,
+    access: Access,
+    mut reader: FrameReader,
+    send: quinn::SendStream,
+    ctx: Arc<Ctx>,
+) {
+    let (tx, rx) = mpsc::channel::<AckItem>(64);
+    let acker = tokio::spawn(acker(send, rx, ctx.metrics.clone()));
+    let max_event = ctx.cfg.node.max_event_bytes.as_u64() as usize;
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(WireError::Read(_)) => break,
+            Err(e) => {
+                ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+                warn!(error = %e, "malformed frame: closing the connection");
+                close(&conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                break;
+            }
+        };
+        let Frame::Batch {
+            id,
+            origin,
+            epoch,
+            events,
+            gaps,
+        } = frame
+        else {
+            ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+            close(
+                &conn,
+                ErrorCode::UNEXPECTED_FRAME,
+                "an uplink sends batches only",
+            );
+            break;
+        };
+        if origin != identity {
+            let why = format!("batch origin {origin:?} is not the uplink's identity {identity:?}");
+            if tx
+                .send(AckItem::Refused(id, ErrorCode::ORIGIN_MISMATCH, why))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
+        let mut rejected = Vec::new();
+        let mut accepted = Vec::with_capacity(events.len());
+        for ev in events {
+            let refusal = if let Err(e) = validate_topic_name(&ev.topic) {
+                Some((ErrorCode::INVALID_TOPIC, e.to_string()))
+            } else if !access.publish.iter().any(|f| matches(f, &ev.topic)) {
+                Some((
+                    ErrorCode::PUBLISH_DENIED,
+                    format!(
+                        "topic {:?} is outside this uplink's publish filters",
+                        ev.topic
+                    ),
+                ))
+            } else if ev.size() > max_event {
+                Some((
+                    ErrorCode::EVENT_TOO_LARGE,
+                    format!("event of {} bytes exceeds {max_event}", ev.size()),
+                ))
+            } else {
+                None
+            };
+            match refusal {
+                Some((code, reason)) => {
+                    warn!(seq = ev.seq, %code, %reason, "event refused");
+                    rejected.push(Rejection {
+                        seq: ev.seq,
+                        code,
+                        reason,
+                    });
+                }
+                None => accepted.push(ev),
+            }
+        }
+        ctx.metrics
+            .events_rejected
+            .fetch_add(rejected.len() as u64, Relaxed);
+        match ctx.log.submit(origin, epoch, accepted, gaps).await {
+            Ok(pending) => {
+                if tx
+                    .send(AckItem::Pending(id, rejected, pending))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = tx
+                    .send(AckItem::Refused(
+                        id,
+                        ErrorCode::STORAGE_FAILED,
+                        e.to_string(),
+                    ))
+                    .await;
+            }
+        }
+    }
+    drop(tx);
+    let _ = acker.await;
+}
+
+async fn acker(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<AckItem>,
+    metrics: Arc<NodeMetrics>,
+) {
+    while let Some(item) = rx.recv().await {
+        let frame = match item {
+            AckItem::Pending(id, rejected, pending) => match wait_commit(pending).await {
+                Ok(outcome) => {
+                    metrics.batches_acked.fetch_add(1, Relaxed);
+                    metrics.events_stored.fetch_add(outcome.stored, Relaxed);
+                    metrics.duplicates.fetch_add(outcome.duplicates, Relaxed);
+                    Frame::Ack { id, rejected }
+                }
+                Err(e) => {
+                    metrics.batches_refused.fetch_add(1, Relaxed);
+                    Frame::BatchRefused {
+                        id,
+                        code: ErrorCode::STORAGE_FAILED,
+                        reason: e.to_string(),
+                    }
+                }
+            },
+            AckItem::Refused(id, code, reason) => {
+                metrics.batches_refused.fetch_add(1, Relaxed);
+                Frame::BatchRefused { id, code, reason }
+            }
+        };
+        if write_frame(&mut send, &frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
