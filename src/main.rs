@@ -27,6 +27,15 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a mesh node: the durable event log and its QUIC server.
+    Node {
+        /// The node's config file (node.toml).
+        #[arg(long, required_unless_present = "print_default_config")]
+        config: Option<PathBuf>,
+        /// Print a commented default config and exit.
+        #[arg(long)]
+        print_default_config: bool,
+    },
     /// Run an edge agent: the site's MQTT broker and durable buffer.
     Edge {
         /// The agent's config file (edge.toml).
@@ -83,18 +92,37 @@ enum Command {
 }
 
 /// Waits for SIGTERM or SIGINT.
+async fn wait_for_signal() -> Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot watch SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("cannot watch SIGINT"),
+    }
+}
+
+/// Waits for SIGTERM or SIGINT outside a runtime.
 fn wait_for_stop_signal() -> Result<&'static str> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the signal runtime")?;
+    rt.block_on(wait_for_signal())
+}
+
+fn run_node(config: &std::path::Path) -> Result<()> {
+    let cfg = telemesh_mesh::config::NodeConfig::load(config)
+        .with_context(|| format!("config {}", config.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot watch SIGTERM")?;
-        tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("cannot watch SIGINT"),
-        }
+        let node = telemesh_mesh::node::Node::start(cfg)
+            .await
+            .context("cannot start the node")?;
+        let signal = wait_for_signal().await?;
+        tracing::info!(signal, "stopping: closing connections");
+        node.shutdown().await;
+        tracing::info!("stopped cleanly");
+        Ok(())
     })
 }
 
@@ -126,6 +154,15 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Node {
+            print_default_config: true,
+            ..
+        } => print!("{}", telemesh_mesh::config::NodeConfig::default_toml()),
+        Command::Node {
+            config: Some(config),
+            ..
+        } => run_node(&config)?,
+        Command::Node { config: None, .. } => anyhow::bail!("--config is required"),
         Command::Edge {
             print_default_config: true,
             ..

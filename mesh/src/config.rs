@@ -195,10 +195,69 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The commented default configuration.
+    pub fn default_toml() -> &'static str {
+        DEFAULT_TOML
+    }
+
     /// The access entry for `identity` in `role`, if any.
     pub fn access_for(&self, identity: &str, role: Role) -> Option<&Access> {
         self.access
             .iter()
             .find(|a| a.identity == identity && a.role.role() == role)
+    }
+}
+
+const DEFAULT_TOML: &str = r#"# telemesh mesh node
+[node]
+id = "node-a"                      # the node's certificate name
+data_dir = "/var/lib/telemesh/node" # the log lives in data_dir/log
+listen = "0.0.0.0:7800"            # UDP (QUIC, ALPN telemesh/1)
+ca = "certs/ca.pem"                # the mesh CA; every peer must present a certificate from it
+cert = "certs/node-a.pem"
+key = "certs/node-a.key"
+sync = "always"                    # or "interval", or "none"
+map_size = "64GiB"                 # LMDB map size of the log
+max_event_bytes = "1MiB"           # largest event (topic + payload) stored
+max_frame_bytes = "16MiB"          # largest frame accepted
+
+# Default deny: every identity needs an entry.
+[[access]]
+identity = "site-a-gw-1"           # an edge agent's certificate name
+role = "uplink"
+publish = ["site-a/#"]             # every event's topic must match one of these
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_parses_and_unknown_keys_are_named() {
+        let cfg: NodeConfig = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(cfg.node.id, "node-a");
+        assert_eq!(cfg.access[0].role, RoleName::Uplink);
+        let err = toml::from_str::<NodeConfig>(&DEFAULT_TOML.replace("map_size", "mapsize"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mapsize"), "{err}");
+    }
+
+    #[test]
+    fn bad_filters_and_missing_files_name_their_key() {
+        let mut cfg: NodeConfig = toml::from_str(DEFAULT_TOML).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("node.ca:"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "n.pem", "n.key"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        cfg.node.ca = dir.path().join("ca.pem");
+        cfg.node.cert = dir.path().join("n.pem");
+        cfg.node.key = dir.path().join("n.key");
+        cfg.validate().unwrap();
+        cfg.access[0].publish = vec!["site-a/#/x".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("access[0]:"), "{err}");
     }
 }
