@@ -15,6 +15,7 @@
 
 pub mod codec;
 pub mod event;
+pub mod forwarder;
 pub mod frame;
 pub mod ranges;
 pub mod topic;
