@@ -2,8 +2,9 @@
 //! with the node and the edge crashing and restarting (durable state kept), and the edge
 //! evicting events (gap records). Invariants are checked after every step:
 //! - the buffer is never trimmed beyond what the node made durable;
-//! - the node's log holds every event at most once, each epoch's seqs in increasing order;
-//! and at the end every event not evicted is in the node's log exactly once, and every gap
+//! - the node's log holds every event at most once, each epoch's seqs in increasing order.
+//!
+//! At the end every event not evicted is in the node's log exactly once, and every gap
 //! record arrived. `SIM_SEED=n cargo test --test forwarder_sim` replays one seed.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
