@@ -256,9 +256,8 @@ enum Command {
         reason: GapReason,
     },
     Trim {
-        epoch: u64,
-        seq: u64,
-        gaps_through: Option<u64>,
+        through: Option<(u64, u64)>,
+        gap_ids: Vec<u64>,
     },
     Flush(SyncSender<Result<(), String>>),
     Close(SyncSender<Result<(), String>>),
@@ -282,6 +281,7 @@ pub struct Buffer {
     writer: Option<JoinHandle<()>>,
     epoch: u64,
     start: StartKind,
+    commits: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Buffer {
@@ -377,15 +377,23 @@ impl Handle {
             .map_err(|_| BufferError::Closed)
     }
 
-    /// Deletes events through `(epoch, seq)` (and every earlier epoch), and gap records with
-    /// an id up to `gaps_through`: what a node has acknowledged.
-    pub fn trim(&self, epoch: u64, seq: u64, gaps_through: Option<u64>) -> Result<(), BufferError> {
+    /// Deletes events through `through` (and every earlier epoch) and the gap records
+    /// `gap_ids`: what a node has acknowledged. Waits while the writer's queue is full.
+    pub fn trim(&self, through: Option<(u64, u64)>, gap_ids: Vec<u64>) -> Result<(), BufferError> {
         self.tx
-            .send(Command::Trim {
-                epoch,
-                seq,
-                gaps_through,
-            })
+            .send(Command::Trim { through, gap_ids })
+            .map_err(|_| BufferError::Closed)
+    }
+
+    /// [`Handle::trim`] for async callers.
+    pub async fn trim_async(
+        &self,
+        through: Option<(u64, u64)>,
+        gap_ids: Vec<u64>,
+    ) -> Result<(), BufferError> {
+        self.tx
+            .send_async(Command::Trim { through, gap_ids })
+            .await
             .map_err(|_| BufferError::Closed)
     }
 
@@ -609,9 +617,10 @@ impl Buffer {
         let (tx, rx) = flume::bounded(opts.queue.max(1));
         let epoch = meta.epoch;
         let writer_shared = shared.clone();
+        let (commits_tx, commits) = tokio::sync::watch::channel(0);
         let writer = std::thread::Builder::new()
             .name("buffer-writer".into())
-            .spawn(move || Writer::new(writer_shared, opts, meta).run(rx))
+            .spawn(move || Writer::new(writer_shared, opts, meta, commits_tx).run(rx))
             .map_err(|source| BufferError::Dir {
                 path: dir.display().to_string(),
                 source,
@@ -622,6 +631,7 @@ impl Buffer {
             writer: Some(writer),
             epoch,
             start,
+            commits,
         })
     }
 
@@ -641,6 +651,11 @@ impl Buffer {
             tx: self.tx.clone(),
             metrics: self.shared.metrics.clone(),
         }
+    }
+
+    /// Changes after every commit (the value counts commits).
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.clone()
     }
 
     /// A reader of committed state.
@@ -791,6 +806,8 @@ struct Writer {
     dirty_since_sync: bool,
     /// Durable appends waiting for room under `overflow = "block"`, in arrival order.
     parked: VecDeque<Command>,
+    /// Bumped after every commit, for readers that follow the buffer (the uplink).
+    commits: tokio::sync::watch::Sender<u64>,
 }
 
 /// An upper bound of what an append costs in the budget (the exact cost is computed when
@@ -828,7 +845,12 @@ enum Applied {
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, opts: BufferOptions, meta: Meta) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        opts: BufferOptions,
+        meta: Meta,
+        commits: tokio::sync::watch::Sender<u64>,
+    ) -> Self {
         let budget = opts.max_bytes;
         let group_byte_cap = ((opts.map_size - opts.max_bytes) / 4).max(64 * 1024);
         Writer {
@@ -841,6 +863,7 @@ impl Writer {
             last_sync: Instant::now(),
             dirty_since_sync: false,
             parked: VecDeque::new(),
+            commits,
         }
     }
 
@@ -1033,7 +1056,8 @@ impl Writer {
                 Ok(Applied::Ok) => {
                     let m = &self.shared.metrics;
                     m.record_commit(began.elapsed());
-                    m.commits.fetch_add(1, Relaxed);
+                    let n = m.commits.fetch_add(1, Relaxed) + 1;
+                    self.commits.send_replace(n);
                     m.buffer_events.store(self.meta.events, Relaxed);
                     m.buffer_bytes.store(self.meta.bytes, Relaxed);
                     for (reason, n) in effects.drops {
@@ -1196,11 +1220,7 @@ impl Writer {
                 fx.drops.push((*reason, *count));
                 self.put_gap(wtxn, self.meta.epoch, gap)
             }
-            Command::Trim {
-                epoch,
-                seq,
-                gaps_through,
-            } => self.trim(wtxn, *epoch, *seq, *gaps_through, fx),
+            Command::Trim { through, gap_ids } => self.trim(wtxn, *through, gap_ids, fx),
             Command::Flush(_) | Command::Close(_) | Command::Abort => Ok(()),
         }
     }
@@ -1317,11 +1337,26 @@ impl Writer {
     fn trim(
         &mut self,
         wtxn: &mut RwTxn,
-        epoch: u64,
-        seq: u64,
-        gaps_through: Option<u64>,
+        through: Option<(u64, u64)>,
+        gap_ids: &[u64],
         fx: &mut TxnEffects,
     ) -> Result<(), heed::Error> {
+        if !gap_ids.is_empty() {
+            let doomed: Vec<Vec<u8>> = self
+                .shared
+                .gaps
+                .iter(wtxn)?
+                .filter_map(|item| item.ok())
+                .filter(|(k, _)| gap_ids.contains(&be_u64(&k[16..])))
+                .map(|(k, _)| k.to_vec())
+                .collect();
+            for k in doomed {
+                self.shared.gaps.delete(wtxn, &k)?;
+            }
+        }
+        let Some((epoch, seq)) = through else {
+            return Ok(());
+        };
         loop {
             let Some((k, v)) = self.shared.events.first(wtxn)? else {
                 break;
@@ -1335,19 +1370,6 @@ impl Writer {
             self.meta.events -= 1;
             self.meta.bytes = self.meta.bytes.saturating_sub(len as u64 + ENTRY_OVERHEAD);
             fx.oldest_changed = true;
-        }
-        if let Some(through) = gaps_through {
-            let doomed: Vec<Vec<u8>> = self
-                .shared
-                .gaps
-                .iter(wtxn)?
-                .filter_map(|item| item.ok())
-                .filter(|(k, _)| be_u64(&k[16..]) <= through)
-                .map(|(k, _)| k.to_vec())
-                .collect();
-            for k in doomed {
-                self.shared.gaps.delete(wtxn, &k)?;
-            }
         }
         if self.meta.acked.is_none_or(|a| a < (epoch, seq)) {
             self.meta.acked = Some((epoch, seq));

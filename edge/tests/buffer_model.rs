@@ -195,7 +195,7 @@ fn run(ops: Vec<Op>, policy: Overflow) {
                 }
                 let (e, ev, _) = &model.events[i % model.events.len()];
                 let (e, s) = (*e, ev.seq);
-                h.trim(e, s, None).unwrap();
+                h.trim(Some((e, s)), vec![]).unwrap();
                 model.ack((e, s));
                 while model
                     .events
@@ -209,7 +209,7 @@ fn run(ops: Vec<Op>, policy: Overflow) {
             Op::TrimGaps => {
                 let through = model.next_gap_id - 1;
                 let (e, s) = (model.epoch, 0);
-                h.trim(e, s, Some(through)).unwrap();
+                h.trim(Some((e, s)), (1..=through).collect()).unwrap();
                 model.ack((e, s));
                 model.gaps.clear();
                 while model

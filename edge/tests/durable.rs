@@ -290,7 +290,7 @@ fn a_full_buffer_under_block_stops_reading_instead_of_losing() {
     while acked < 1_000 {
         let evs = agent.reader().read(None, usize::MAX).unwrap();
         if let Some(last) = evs.last() {
-            h.trim(last.epoch, last.event.seq, None).unwrap();
+            h.trim(Some((last.epoch, last.event.seq)), vec![]).unwrap();
         }
         if std::io::Read::read_exact(&mut s, &mut buf).is_ok() {
             acked += 1;

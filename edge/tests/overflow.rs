@@ -75,7 +75,7 @@ fn drop_oldest_evicts_the_oldest_and_records_one_range() {
     // It keeps serving: a trim frees room, and new events are stored without more loss.
     let h = buffer.handle();
     let epoch = buffer.epoch();
-    h.trim(epoch, EVENTS - 100, None).unwrap();
+    h.trim(Some((epoch, EVENTS - 100)), vec![]).unwrap();
     for n in 0..1_000 {
         h.append(Incoming {
             topic: "site/line/temp".into(),
@@ -109,7 +109,10 @@ fn drop_newest_refuses_the_newest_and_records_one_range() {
     assert_eq!(buffer.metrics().snapshot().drops_refused, EVENTS - kept);
 
     // Trimmed room is used again.
-    buffer.handle().trim(buffer.epoch(), kept, None).unwrap();
+    buffer
+        .handle()
+        .trim(Some((buffer.epoch(), kept)), vec![])
+        .unwrap();
     buffer
         .handle()
         .append(Incoming {
