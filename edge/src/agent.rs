@@ -58,7 +58,13 @@ pub struct Agent {
     buffer: Buffer,
     stop: Arc<AtomicBool>,
     tap: Option<JoinHandle<()>>,
-    durable: Option<(tokio::runtime::Runtime, DurableServer)>,
+    runtime: Option<tokio::runtime::Runtime>,
+    durable: Option<DurableServer>,
+    uplink: Option<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    uplink_metrics: Arc<telemesh_gateway::UplinkMetrics>,
 }
 
 /// Loads a PEM certificate chain and key into a rustls server config (ring provider).
@@ -172,9 +178,20 @@ impl Agent {
                 tap.run(link_rx, &tap_stop)
             })
             .map_err(|e| AgentError::Broker(e.to_string()))?;
-        let durable = match &cfg.durable {
-            None => None,
-            Some(d) => {
+        let runtime = if cfg.durable.is_some() || cfg.uplink.is_some() {
+            Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("agent-io")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| AgentError::Broker(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let durable = match (&cfg.durable, &runtime) {
+            (Some(d), Some(rt)) => {
                 let tls = d
                     .tls
                     .as_ref()
@@ -190,12 +207,6 @@ impl Agent {
                     max_packet: d.max_packet.as_u64() as usize,
                     connect_timeout: d.connect_timeout,
                 };
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("durable")
-                    .enable_all()
-                    .build()
-                    .map_err(|e| AgentError::Broker(e.to_string()))?;
                 let server = rt
                     .block_on(DurableServer::start(
                         opts,
@@ -207,8 +218,47 @@ impl Agent {
                         addr: d.listen,
                         source,
                     })?;
-                Some((rt, server))
+                Some(server)
             }
+            _ => None,
+        };
+        let uplink_metrics = Arc::new(telemesh_gateway::UplinkMetrics::default());
+        let uplink = match (&cfg.uplink, &runtime) {
+            (Some(u), Some(rt)) => {
+                let roots = telemesh_mesh::tls::load_roots(&u.ca)
+                    .map_err(|e| AgentError::Tls(e.to_string()))?;
+                let identity = telemesh_mesh::tls::Identity::load(&u.cert, &u.key)
+                    .map_err(|e| AgentError::Tls(e.to_string()))?;
+                let opts = telemesh_gateway::UplinkOptions {
+                    nodes: u.nodes.clone(),
+                    server_name: u.server_name.clone(),
+                    roots,
+                    forwarder: telemesh_proto::forwarder::ForwarderConfig {
+                        batch_max_events: u.batch_max_events,
+                        batch_max_bytes: u.batch_max_bytes.as_u64() as usize,
+                        window: u.window,
+                    },
+                    max_event_bytes: (cfg.mqtt.max_payload.as_u64() + 65_535) as u32,
+                    backoff_max: u.backoff_max,
+                };
+                let source = crate::uplink::BufferSource::new(
+                    buffer.reader(),
+                    buffer.handle(),
+                    buffer.commits(),
+                );
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                let origin = cfg.agent.id.clone();
+                let m = uplink_metrics.clone();
+                let task = rt.spawn(async move {
+                    if let Err(e) =
+                        telemesh_gateway::run(origin, opts, identity, source, m, stop_rx).await
+                    {
+                        error!(error = %e, "uplink stopped");
+                    }
+                });
+                Some((stop_tx, task))
+            }
+            _ => None,
         };
         info!(
             id = %cfg.agent.id,
@@ -221,13 +271,21 @@ impl Agent {
             buffer,
             stop,
             tap: Some(tap),
+            runtime,
             durable,
+            uplink,
+            uplink_metrics,
         })
     }
 
     /// The durable port's bound address, if it runs.
     pub fn durable_addr(&self) -> Option<SocketAddr> {
-        self.durable.as_ref().map(|(_, s)| s.local_addr())
+        self.durable.as_ref().map(DurableServer::local_addr)
+    }
+
+    /// The uplink's counters.
+    pub fn uplink_metrics(&self) -> &Arc<telemesh_gateway::UplinkMetrics> {
+        &self.uplink_metrics
     }
 
     /// The buffer's epoch for this run.
@@ -253,8 +311,14 @@ impl Agent {
     /// Clean stop: stops tapping, commits what was taken, marks the buffer clean. The
     /// broker's port stays bound until the process exits (rumqttd cannot be stopped).
     pub fn shutdown(mut self) -> Result<(), AgentError> {
-        if let Some((rt, server)) = self.durable.take() {
-            rt.block_on(server.shutdown());
+        if let Some(rt) = &self.runtime {
+            if let Some(server) = self.durable.take() {
+                rt.block_on(server.shutdown());
+            }
+            if let Some((stop, task)) = self.uplink.take() {
+                let _ = stop.send(true);
+                let _ = rt.block_on(task);
+            }
         }
         self.stop.store(true, Ordering::SeqCst);
         if let Some(tap) = self.tap.take() {

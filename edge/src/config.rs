@@ -25,6 +25,49 @@ pub struct EdgeConfig {
     /// The durable buffer.
     #[serde(default)]
     pub buffer: BufferSection,
+    /// The uplink to the mesh (optional: without it the agent only buffers).
+    pub uplink: Option<UplinkSection>,
+}
+
+/// `[uplink]`: batches over QUIC with mutual TLS to the first node that answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSection {
+    /// `host:port` of nodes, tried in order.
+    pub nodes: Vec<String>,
+    /// The name to verify on the node's certificate (default: each entry's host).
+    pub server_name: Option<String>,
+    /// The mesh CA (PEM).
+    pub ca: PathBuf,
+    /// This agent's certificate (its name is `agent.id`).
+    pub cert: PathBuf,
+    /// This agent's key.
+    pub key: PathBuf,
+    /// Most events in one batch.
+    #[serde(default = "default_batch_events")]
+    pub batch_max_events: usize,
+    /// Most event bytes in one batch.
+    #[serde(default = "default_batch_bytes")]
+    pub batch_max_bytes: ByteSize,
+    /// Batches in flight.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// The longest wait between reconnection rounds.
+    #[serde(with = "humantime_serde", default = "default_backoff")]
+    pub backoff_max: Duration,
+}
+
+fn default_batch_events() -> usize {
+    1_000
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_window() -> usize {
+    8
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `[durable]`: an MQTT 3.1.1 and 5 port for publishers whose acknowledgements mean "on disk".
@@ -304,6 +347,35 @@ impl EdgeConfig {
                 }
             }
         }
+        if let Some(u) = &self.uplink {
+            if u.nodes.is_empty() {
+                return Err(invalid("uplink.nodes", "name at least one node"));
+            }
+            if let Some(n) = u.nodes.iter().find(|n| n.rsplit_once(':').is_none()) {
+                return Err(invalid("uplink.nodes", format!("{n:?} is not host:port")));
+            }
+            for (key, path) in [
+                ("uplink.ca", &u.ca),
+                ("uplink.cert", &u.cert),
+                ("uplink.key", &u.key),
+            ] {
+                if !path.exists() {
+                    return Err(invalid(key, format!("{} does not exist", path.display())));
+                }
+            }
+            if u.batch_max_events == 0 || u.window == 0 {
+                return Err(invalid(
+                    "uplink.window",
+                    "batch_max_events and window must be at least 1",
+                ));
+            }
+            if u.batch_max_bytes.as_u64() < m.max_payload.as_u64() {
+                return Err(invalid(
+                    "uplink.batch_max_bytes",
+                    "must be at least mqtt.max_payload",
+                ));
+            }
+        }
         if let Some(tls) = &m.tls {
             for (key, path) in [("mqtt.tls.cert", &tls.cert), ("mqtt.tls.key", &tls.key)] {
                 if !path.exists() {
@@ -367,6 +439,17 @@ overflow = "drop-oldest"           # or "drop-newest", or "block"
 commit_interval = "5ms"            # longest wait; commits happen as soon as the writer is free
 sync = "always"                    # or "interval" (with sync_interval), or "none"
 sync_interval = "100ms"
+
+# [uplink]                         # forward to the mesh (without it the agent only buffers)
+# nodes = ["node-a.example:7800", "node-b.example:7800"]   # tried in order
+# server_name = "node-a"           # name to verify on the node certificate (default: the host)
+# ca = "certs/ca.pem"
+# cert = "certs/site-a-gw-1.pem"   # its name must be agent.id
+# key = "certs/site-a-gw-1.key"
+# batch_max_events = 1000
+# batch_max_bytes = "1MiB"
+# window = 8                       # batches in flight
+# backoff_max = "1s"               # longest wait between reconnection rounds
 "#;
 
 #[cfg(test)]

@@ -12,3 +12,4 @@ pub use agent::{broker_connection_errors, Agent, AgentError, BrokerErrorCounter}
 pub use config::EdgeConfig;
 pub mod durable;
 pub mod sim;
+pub mod uplink;

@@ -581,3 +581,35 @@ impl Writer {
         Ok(out)
     }
 }
+
+/// Reads a log directory read-only (another process may be running the node): every record,
+/// in node seq order. For operators' tools and tests.
+pub fn inspect(dir: &Path, map_size: u64) -> Result<Vec<(u64, Record)>, LogError> {
+    let mut o = EnvOpenOptions::new().read_txn_without_tls();
+    o.map_size(map_size as usize).max_dbs(8);
+    // SAFETY: READ_ONLY never writes; LMDB's lock file coordinates with a running writer.
+    unsafe {
+        o.flags(EnvFlags::READ_ONLY);
+    }
+    // SAFETY: as in `NodeLog::open`.
+    let env = unsafe { o.open(dir) }?;
+    let rtxn = env.read_txn()?;
+    let log: Db = env
+        .open_databases_and_commit(rtxn, |dbo, rtxn| -> Result<_, LogError> {
+            let db = dbo
+                .open_database::<Bytes, Bytes>(rtxn, Some("log"))?
+                .ok_or_else(|| LogError::Corrupt("log database missing".into()))?;
+            Ok(CommitOrAbort::<_, ()>::Commit(db))
+        })?
+        .unwrap_commit();
+    let rtxn = env.read_txn()?;
+    let mut out = Vec::new();
+    for item in log.iter(&rtxn)? {
+        let (k, v) = item?;
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(k);
+        let rec: Record = postcard::from_bytes(v).map_err(|e| LogError::Corrupt(e.to_string()))?;
+        out.push((u64::from_be_bytes(seq), rec));
+    }
+    Ok(out)
+}

@@ -95,8 +95,29 @@ impl Node {
             addr: n.listen,
             source,
         })?;
+        // A stateless-reset key derived from the node's own key: after a crash or restart the
+        // node can still reset the connections of its previous run, so uplinks notice at
+        // once instead of after the idle timeout.
+        let key_bytes = std::fs::read(&n.key).map_err(|source| NodeError::Bind {
+            addr: n.listen,
+            source,
+        })?;
+        let mut seed = ring::digest::Context::new(&ring::digest::SHA256);
+        seed.update(b"telemesh stateless reset v1");
+        seed.update(&key_bytes);
+        let digest = seed.finish();
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&digest.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // Connection ids that the next run of this node still recognises as its own, so it
+        // answers packets of the previous run's connections with a stateless reset.
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+pub use rustls::RootCertStore;
 use telemesh_proto::frame::ALPN;
 
 /// Errors loading certificates or building configs.

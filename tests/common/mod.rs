@@ -21,7 +21,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes an edge.toml for agent `gw-crash` on `port`; `extra` is appended to `[mqtt]`.
+/// Writes an edge.toml for agent `gw-crash` on `port`; `extra_mqtt` is appended to `[mqtt]`
+/// (and may open further sections).
 pub fn write_config(dir: &Path, port: u16, extra_mqtt: &str) -> PathBuf {
     let path = dir.join("edge.toml");
     std::fs::write(
@@ -84,9 +85,14 @@ impl Drop for AgentProcess {
 
 /// Starts `telemesh edge --config <config>`.
 pub fn spawn_agent(config: &Path) -> AgentProcess {
+    spawn_role("edge", config)
+}
+
+/// Starts `telemesh <role> --config <config>`.
+pub fn spawn_role(role: &str, config: &Path) -> AgentProcess {
     AgentProcess(
         Command::new(env!("CARGO_BIN_EXE_telemesh"))
-            .args(["edge", "--config"])
+            .args([role, "--config"])
             .arg(config)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -1,0 +1,305 @@
+//! The gateway uplink: drives [`telemesh_proto::forwarder::Forwarder`] over QUIC with mutual
+//! TLS, reading from and trimming a [`Source`] (the edge buffer).
+//!
+//! One connection at a time, to the first node of `nodes` that answers (tried in order),
+//! with exponential backoff and jitter between rounds. On each connection: hello → welcome,
+//! then batches on one stream with a window in flight; each ack moves the trim point, and
+//! the source is trimmed only through what the node acknowledged — which it does only
+//! after its commit.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use telemesh_mesh::tls::{self, Identity};
+use telemesh_mesh::wire::{write_frame, FrameReader, WireError};
+use telemesh_proto::forwarder::{BufferedGap, ForwardError, Forwarder, ForwarderConfig, Trim};
+use telemesh_proto::frame::Compression;
+use telemesh_proto::{Event, Frame, Role, PROTOCOL_VERSION};
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+
+/// Where the uplink reads events from and what it trims.
+pub trait Source: Send + Sync + 'static {
+    /// Up to `max` events after `after`, in order.
+    fn read(&self, after: Option<(u64, u64)>, max: usize) -> Result<Vec<(u64, Event)>, String>;
+    /// Every gap record not yet trimmed.
+    fn gaps(&self) -> Result<Vec<BufferedGap>, String>;
+    /// What the node acknowledged before (where to resume).
+    fn acked(&self) -> Option<(u64, u64)>;
+    /// Deletes what the node acknowledged.
+    fn trim(&self, trim: Trim) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    /// Changes whenever new data may be readable.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// How the uplink connects.
+#[derive(Debug)]
+pub struct UplinkOptions {
+    /// `host:port` of nodes, tried in order.
+    pub nodes: Vec<String>,
+    /// The name to verify on the node's certificate (default: each entry's host).
+    pub server_name: Option<String>,
+    /// The mesh CA.
+    pub roots: Arc<rustls_roots::RootCertStore>,
+    /// Batching and window.
+    pub forwarder: ForwarderConfig,
+    /// The largest event the agent sends (its max payload plus topic).
+    pub max_event_bytes: u32,
+    /// The longest wait between connection rounds.
+    pub backoff_max: Duration,
+}
+
+/// Re-exported so callers name the same rustls as the mesh.
+pub mod rustls_roots {
+    pub use telemesh_mesh::tls::RootCertStore;
+}
+
+/// The uplink's counters.
+#[derive(Debug, Default)]
+pub struct UplinkMetrics {
+    /// True while a node has welcomed this uplink.
+    pub connected: AtomicBool,
+    /// Connection attempts that failed or ended.
+    pub reconnects: AtomicU64,
+    /// Batches sent (including resends).
+    pub batches_sent: AtomicU64,
+    /// Batches acknowledged.
+    pub batches_acked: AtomicU64,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Connecting failed.
+    #[error("connect {node}: {why}")]
+    Connect {
+        /// The node.
+        node: String,
+        /// Why.
+        why: String,
+    },
+    /// The node refused the hello.
+    #[error("refused by {node}: {code} {reason}")]
+    Rejected {
+        /// The node.
+        node: String,
+        /// The code.
+        code: telemesh_proto::ErrorCode,
+        /// Why.
+        reason: String,
+    },
+    /// The node refused a batch (for example its disk is full).
+    #[error("batch {id} refused: {code} {reason}")]
+    BatchRefused {
+        /// The batch.
+        id: u64,
+        /// The code.
+        code: telemesh_proto::ErrorCode,
+        /// Why.
+        reason: String,
+    },
+    /// The stream failed or carried nonsense.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The node answered out of order.
+    #[error(transparent)]
+    Protocol(#[from] ForwardError),
+    /// The source failed.
+    #[error("source: {0}")]
+    Source(String),
+    /// The connection ended.
+    #[error("connection closed")]
+    Closed,
+}
+
+async fn resolve(node: &str) -> Result<(SocketAddr, String), SessionError> {
+    let err = |why: String| SessionError::Connect {
+        node: node.to_owned(),
+        why,
+    };
+    let host = node
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .ok_or_else(|| err("expected host:port".into()))?;
+    let addr = tokio::net::lookup_host(node)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))?;
+    Ok((addr, host.to_owned()))
+}
+
+/// Runs the uplink, presenting `identity` (whose name must be `origin`), until `shutdown`
+/// turns true.
+pub async fn run<S: Source>(
+    origin: String,
+    opts: UplinkOptions,
+    identity: Identity,
+    source: S,
+    metrics: Arc<UplinkMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tls::TlsError> {
+    let client = tls::client_config(opts.roots.clone(), identity)?;
+    let socket = tls::udp_socket(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .map_err(|e| tls::TlsError::Verifier(format!("uplink socket: {e}")))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| tls::TlsError::Verifier(format!("uplink endpoint: {e}")))?;
+    endpoint.set_default_client_config(client);
+    let mut fwd = Forwarder::new(origin.clone(), opts.forwarder, source.acked());
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        for node in &opts.nodes {
+            if *shutdown.borrow() {
+                endpoint.close(0u32.into(), b"shutting down");
+                return Ok(());
+            }
+            let span = tracing::info_span!("uplink", %node);
+            let result = session(
+                &endpoint,
+                node,
+                &opts,
+                &origin,
+                &source,
+                &mut fwd,
+                &metrics,
+                &mut shutdown,
+            )
+            .instrument(span)
+            .await;
+            metrics.connected.store(false, Relaxed);
+            fwd.on_disconnected();
+            match result {
+                Ok(()) => {
+                    endpoint.close(0u32.into(), b"shutting down");
+                    return Ok(());
+                }
+                Err(e) => {
+                    metrics.reconnects.fetch_add(1, Relaxed);
+                    warn!(%node, error = %e, "uplink session ended");
+                    if matches!(
+                        e,
+                        SessionError::Connect { .. } | SessionError::Rejected { .. }
+                    ) {
+                        continue;
+                    }
+                    // The session had been up: start the next round quickly.
+                    backoff = Duration::from_millis(50);
+                    break;
+                }
+            }
+        }
+        let jitter = rand::random_range(0.5..1.5);
+        let wait = backoff.mul_f64(jitter);
+        backoff = (backoff * 2).min(opts.backoff_max);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session<S: Source>(
+    endpoint: &quinn::Endpoint,
+    node: &str,
+    opts: &UplinkOptions,
+    origin: &str,
+    source: &S,
+    fwd: &mut Forwarder,
+    metrics: &UplinkMetrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let (addr, host) = resolve(node).await?;
+    let name = opts.server_name.clone().unwrap_or(host);
+    let connect_err = |why: String| SessionError::Connect {
+        node: node.to_owned(),
+        why,
+    };
+    let conn = endpoint
+        .connect(addr, &name)
+        .map_err(|e| connect_err(e.to_string()))?
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    let (mut send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| connect_err(e.to_string()))?;
+    write_frame(
+        &mut send,
+        &Frame::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Uplink,
+            id: origin.to_owned(),
+            max_event_bytes: opts.max_event_bytes,
+            compression: vec![Compression::None],
+        },
+    )
+    .await?;
+    let mut reader = FrameReader::new(recv, 16 << 20);
+    match reader.next().await? {
+        Some(Frame::Welcome {
+            node_id,
+            incarnation,
+            ..
+        }) => {
+            info!(%node_id, incarnation, "uplink connected");
+        }
+        Some(Frame::Reject { code, reason }) => {
+            return Err(SessionError::Rejected {
+                node: node.to_owned(),
+                code,
+                reason,
+            })
+        }
+        _ => return Err(SessionError::Closed),
+    }
+    metrics.connected.store(true, Relaxed);
+    fwd.on_connected();
+    let mut changes = source.changes();
+    loop {
+        while let Some(req) = fwd.wants_read() {
+            let events = source
+                .read(req.after, req.max_events)
+                .map_err(SessionError::Source)?;
+            let gaps = source.gaps().map_err(SessionError::Source)?;
+            let frames = fwd.on_read(events, &gaps);
+            if frames.is_empty() {
+                break;
+            }
+            for f in &frames {
+                write_frame(&mut send, f).await?;
+                metrics.batches_sent.fetch_add(1, Relaxed);
+            }
+        }
+        tokio::select! {
+            frame = reader.next() => match frame? {
+                Some(Frame::Ack { id, rejected }) => {
+                    for r in &rejected {
+                        warn!(seq = r.seq, code = %r.code, reason = %r.reason, "event refused by the node");
+                    }
+                    fwd.on_ack(id)?;
+                    metrics.batches_acked.fetch_add(1, Relaxed);
+                    if let Some(t) = fwd.poll_trim() {
+                        source.trim(t).await.map_err(SessionError::Source)?;
+                    }
+                }
+                Some(Frame::BatchRefused { id, code, reason }) => {
+                    return Err(SessionError::BatchRefused { id, code, reason });
+                }
+                _ => return Err(SessionError::Closed),
+            },
+            _ = changes.changed() => {}
+            _ = shutdown.changed() => {
+                conn.close(0u32.into(), b"agent stopping");
+                return Ok(());
+            }
+        }
+    }
+}
