@@ -229,6 +229,15 @@ impl Agent {
                     .map_err(|e| AgentError::Tls(e.to_string()))?;
                 let identity = telemesh_mesh::tls::Identity::load(&u.cert, &u.key)
                     .map_err(|e| AgentError::Tls(e.to_string()))?;
+                // The node accepts events only under the origin its certificate names.
+                let named = identity.name();
+                if named.as_deref() != Some(cfg.agent.id.as_str()) {
+                    return Err(AgentError::Tls(format!(
+                        "uplink.cert names {:?}, but agent.id is {:?}: they must be the same",
+                        named.unwrap_or_default(),
+                        cfg.agent.id
+                    )));
+                }
                 let opts = telemesh_gateway::UplinkOptions {
                     nodes: u.nodes.clone(),
                     server_name: u.server_name.clone(),

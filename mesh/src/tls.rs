@@ -67,6 +67,13 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The identity the certificate names (first DNS SAN, or common name).
+    pub fn name(&self) -> Option<String> {
+        self.chain.first().and_then(|c| cert_identity(c))
+    }
+}
+
 /// Loads the mesh CA certificates.
 pub fn load_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();

@@ -1,0 +1,298 @@
+//! The uplink in process against a real node over real QUIC: a path cut by a UDP relay that
+//! drops everything for a while, and certificates that must be refused (expired, a name the
+//! node does not allow, a name that is not the agent's id). Afterwards every event has
+//! arrived exactly once, in order, and the buffer is empty.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use telemesh_edge::buffer::{Buffer, BufferOptions, Incoming, SyncMode};
+use telemesh_edge::uplink::BufferSource;
+use telemesh_edge::EdgeMetrics;
+use telemesh_gateway::{UplinkMetrics, UplinkOptions};
+use telemesh_mesh::config::NodeConfig;
+use telemesh_mesh::log::Record;
+use telemesh_mesh::node::Node;
+use telemesh_mesh::pki::{write_mesh, Authority, Kind};
+use telemesh_mesh::tls::{load_roots, Identity};
+use telemesh_proto::forwarder::ForwarderConfig;
+use tokio::net::UdpSocket;
+
+fn node_config(dir: &std::path::Path) -> NodeConfig {
+    let c = dir.join("certs");
+    NodeConfig::from_toml(&format!(
+        "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
+         cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
+         [[access]]\nidentity = \"gw-1\"\nrole = \"uplink\"\npublish = [\"site/#\"]\n",
+        d = dir.display(),
+        c = c.display()
+    ))
+    .unwrap()
+}
+
+/// Forwards datagrams between one client and `node`; drops everything while `cut` is set.
+async fn relay(node: SocketAddr, cut: Arc<AtomicBool>, dropped: Arc<AtomicU64>) -> SocketAddr {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(node).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+    let (f, b, c, cut2, d2) = (
+        front.clone(),
+        back.clone(),
+        client.clone(),
+        cut.clone(),
+        dropped.clone(),
+    );
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            *c.lock().unwrap() = Some(from);
+            if cut2.load(Relaxed) {
+                d2.fetch_add(1, Relaxed);
+            } else {
+                let _ = b.send(&buf[..n]).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            if cut.load(Relaxed) {
+                dropped.fetch_add(1, Relaxed);
+            } else if let Some(to) = to {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    addr
+}
+
+async fn wait(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn append(buffer: &Buffer, from: u64, to: u64) {
+    let h = buffer.handle();
+    for n in from..to {
+        h.append(Incoming {
+            topic: "site/relay".into(),
+            payload: n.to_string().into_bytes(),
+            ts_us: n,
+            qos: 1,
+            headers: None,
+        })
+        .unwrap();
+    }
+}
+
+fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
+    UplinkOptions {
+        nodes,
+        server_name: Some("node-a".into()),
+        roots: load_roots(&dir.join("certs/ca.pem")).unwrap(),
+        forwarder: ForwarderConfig {
+            batch_max_events: 100,
+            batch_max_bytes: 1 << 20,
+            window: 4,
+        },
+        max_event_bytes: 65_536,
+        backoff_max: Duration::from_millis(200),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &[],
+    )
+    .unwrap();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let relay_addr = relay(node.local_addr(), cut.clone(), dropped.clone()).await;
+
+    let buffer = Buffer::open(
+        &dir.path().join("edge"),
+        "gw-1",
+        BufferOptions {
+            max_bytes: 32 << 20,
+            map_size: 64 << 20,
+            sync: SyncMode::None,
+            ..BufferOptions::default()
+        },
+        Arc::new(EdgeMetrics::default()),
+    )
+    .unwrap();
+    let source = BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits());
+    let identity = Identity::load(
+        &dir.path().join("certs/gw-1.pem"),
+        &dir.path().join("certs/gw-1.key"),
+    )
+    .unwrap();
+    let metrics = Arc::new(UplinkMetrics::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let up = tokio::spawn(telemesh_gateway::run(
+        "gw-1".into(),
+        options(dir.path(), vec![relay_addr.to_string()]),
+        identity,
+        source,
+        metrics.clone(),
+        stop_rx,
+    ));
+    let stored = || node.log().read(1, usize::MAX).unwrap().len();
+    append(&buffer, 0, 2_000);
+    wait("the first events at the node", 30, || stored() >= 500).await;
+
+    // Cut the path; keep appending; heal once the relay has dropped a good number of packets.
+    cut.store(true, Relaxed);
+    append(&buffer, 2_000, 4_000);
+    wait("packets dropped by the cut", 30, || {
+        dropped.load(Relaxed) >= 20
+    })
+    .await;
+    let during = stored();
+    cut.store(false, Relaxed);
+    wait("every event at the node", 60, || stored() >= 4_000).await;
+    assert!(during < 4_000, "the cut held events back");
+
+    let records = node.log().read(1, usize::MAX).unwrap();
+    let numbers: Vec<u64> = records
+        .iter()
+        .map(|(_, r)| match r {
+            Record::Event { event, .. } => std::str::from_utf8(&event.payload)
+                .unwrap()
+                .parse()
+                .unwrap(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        numbers,
+        (0..4_000).collect::<Vec<_>>(),
+        "exactly once, in order"
+    );
+    let reader = buffer.reader();
+    wait("the buffer trimmed", 30, || {
+        reader.state().unwrap().events == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    up.await.unwrap().unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_unlisted_certificates_send_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // One CA for everything, so the expired certificate fails on its dates alone.
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ca = Authority::new("mesh CA").unwrap();
+    std::fs::write(certs.join("ca.pem"), ca.cert_pem()).unwrap();
+    let write = |file: &str, issued: telemesh_mesh::pki::Issued| {
+        std::fs::write(certs.join(format!("{file}.pem")), issued.cert_pem).unwrap();
+        std::fs::write(certs.join(format!("{file}.key")), issued.key_pem).unwrap();
+    };
+    write("node-a", ca.issue("node-a", Kind::Node).unwrap());
+    write("gw-9", ca.issue("gw-9", Kind::Edge).unwrap());
+    write(
+        "expired",
+        ca.issue_with("gw-1", Kind::Edge, |p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        })
+        .unwrap(),
+    );
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+
+    for (cert, name) in [("expired", "gw-1"), ("gw-9", "gw-9")] {
+        let buffer = Buffer::open(
+            &dir.path().join(format!("edge-{cert}")),
+            name,
+            BufferOptions {
+                max_bytes: 8 << 20,
+                map_size: 16 << 20,
+                sync: SyncMode::None,
+                ..BufferOptions::default()
+            },
+            Arc::new(EdgeMetrics::default()),
+        )
+        .unwrap();
+        append(&buffer, 0, 10);
+        buffer.handle().flush().unwrap();
+        let identity = Identity::load(
+            &dir.path().join(format!("certs/{cert}.pem")),
+            &dir.path().join(format!("certs/{cert}.key")),
+        )
+        .unwrap();
+        let metrics = Arc::new(UplinkMetrics::default());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let up = tokio::spawn(telemesh_gateway::run(
+            name.into(),
+            options(dir.path(), vec![node.local_addr().to_string()]),
+            identity,
+            BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
+            metrics.clone(),
+            stop_rx,
+        ));
+        wait("refusals", 30, || metrics.reconnects.load(Relaxed) >= 2).await;
+        assert!(!metrics.connected.load(Relaxed));
+        assert_eq!(metrics.batches_acked.load(Relaxed), 0);
+        assert_eq!(
+            buffer.reader().state().unwrap().events,
+            10,
+            "nothing trimmed"
+        );
+        stop.send(true).unwrap();
+        up.await.unwrap().unwrap();
+    }
+    assert!(
+        node.log().read(1, 10).unwrap().is_empty(),
+        "no data reached the node"
+    );
+    assert!(node.metrics().refused.load(Relaxed) >= 2);
+    node.shutdown().await;
+}
+
+#[test]
+fn an_uplink_certificate_naming_another_agent_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-other".into()],
+        &[],
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = dir.path().join("certs");
+    let cfg = telemesh_edge::EdgeConfig::from_toml(&format!(
+        "[agent]\nid = \"gw-1\"\ndata_dir = \"{d}/edge\"\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n\
+         [buffer]\nmax_bytes = \"8MiB\"\nmap_size = \"16MiB\"\n\
+         [uplink]\nnodes = [\"127.0.0.1:7800\"]\nca = \"{c}/ca.pem\"\ncert = \"{c}/gw-other.pem\"\nkey = \"{c}/gw-other.key\"\n",
+        d = dir.path().display(),
+        c = c.display()
+    ))
+    .unwrap();
+    let err = telemesh_edge::Agent::start(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("\"gw-other\"") && err.contains("must be the same"),
+        "{err}"
+    );
+}
