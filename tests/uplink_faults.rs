@@ -105,6 +105,7 @@ fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
         },
         max_event_bytes: 65_536,
         backoff_max: Duration::from_millis(200),
+        connect_timeout: Duration::from_secs(2),
     }
 }
 

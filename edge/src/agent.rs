@@ -249,6 +249,7 @@ impl Agent {
                     },
                     max_event_bytes: (cfg.mqtt.max_payload.as_u64() + 65_535) as u32,
                     backoff_max: u.backoff_max,
+                    connect_timeout: u.connect_timeout,
                 };
                 let source = crate::uplink::BufferSource::new(
                     buffer.reader(),

@@ -55,6 +55,13 @@ pub struct UplinkSection {
     /// The longest wait between reconnection rounds.
     #[serde(with = "humantime_serde", default = "default_backoff")]
     pub backoff_max: Duration,
+    /// The longest a connection attempt may take before the next node is tried.
+    #[serde(with = "humantime_serde", default = "default_uplink_connect")]
+    pub connect_timeout: Duration,
+}
+
+fn default_uplink_connect() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_batch_events() -> usize {
@@ -363,6 +370,9 @@ impl EdgeConfig {
                     return Err(invalid(key, format!("{} does not exist", path.display())));
                 }
             }
+            if u.connect_timeout.is_zero() {
+                return Err(invalid("uplink.connect_timeout", "must be above 0"));
+            }
             if u.batch_max_events == 0 || u.window == 0 {
                 return Err(invalid(
                     "uplink.window",
@@ -450,6 +460,7 @@ sync_interval = "100ms"
 # batch_max_bytes = "1MiB"
 # window = 8                       # batches in flight
 # backoff_max = "1s"               # longest wait between reconnection rounds
+# connect_timeout = "2s"           # a node that is down is given up on after this
 "#;
 
 #[cfg(test)]

@@ -49,6 +49,9 @@ pub struct UplinkOptions {
     pub max_event_bytes: u32,
     /// The longest wait between connection rounds.
     pub backoff_max: Duration,
+    /// The longest a connection attempt (QUIC and TLS handshake) may take; a node that is
+    /// down does not answer at all, so this is how long it takes to move on.
+    pub connect_timeout: Duration,
 }
 
 /// Re-exported so callers name the same rustls as the mesh.
@@ -67,6 +70,10 @@ pub struct UplinkMetrics {
     pub batches_sent: AtomicU64,
     /// Batches acknowledged.
     pub batches_acked: AtomicU64,
+    /// Frame bytes written (batches and hellos).
+    pub frame_bytes: AtomicU64,
+    /// UDP bytes sent by finished connections (QUIC and TLS overhead included).
+    pub udp_bytes: AtomicU64,
 }
 
 /// Why a session ended.
@@ -195,7 +202,8 @@ pub async fn run<S: Source>(
                 }
             }
         }
-        let jitter = rand::random_range(0.5..1.5);
+        // Full jitter in the upper half: never more than the cap.
+        let jitter = rand::random_range(0.5..=1.0);
         let wait = backoff.mul_f64(jitter);
         backoff = (backoff * 2).min(opts.backoff_max);
         tokio::select! {
@@ -222,11 +230,14 @@ async fn session<S: Source>(
         node: node.to_owned(),
         why,
     };
-    let conn = endpoint
+    let connecting = endpoint
         .connect(addr, &name)
-        .map_err(|e| connect_err(e.to_string()))?
-        .await
         .map_err(|e| connect_err(e.to_string()))?;
+    let conn = tokio::time::timeout(opts.connect_timeout, connecting)
+        .await
+        .map_err(|_| connect_err("no answer within the connect timeout".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+    let _stats = CountUdpBytes(&conn, metrics);
     let (mut send, recv) = conn
         .open_bi()
         .await
@@ -274,7 +285,8 @@ async fn session<S: Source>(
                 break;
             }
             for f in &frames {
-                write_frame(&mut send, f).await?;
+                let n = write_frame(&mut send, f).await?;
+                metrics.frame_bytes.fetch_add(n as u64, Relaxed);
                 metrics.batches_sent.fetch_add(1, Relaxed);
             }
         }
@@ -301,5 +313,16 @@ async fn session<S: Source>(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Adds a connection's UDP bytes sent to the metrics when its session ends.
+struct CountUdpBytes<'a>(&'a quinn::Connection, &'a UplinkMetrics);
+
+impl Drop for CountUdpBytes<'_> {
+    fn drop(&mut self) {
+        self.1
+            .udp_bytes
+            .fetch_add(self.0.stats().udp_tx.bytes, Relaxed);
     }
 }

@@ -64,10 +64,10 @@ impl FrameReader {
     }
 }
 
-/// Encodes and writes one frame.
-pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), WireError> {
+/// Encodes and writes one frame; returns the bytes written.
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<usize, WireError> {
     let mut buf = Vec::new();
     encode_frame(frame, &mut buf)?;
     send.write_all(&buf).await?;
-    Ok(())
+    Ok(buf.len())
 }
