@@ -297,3 +297,64 @@ fn an_uplink_certificate_naming_another_agent_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &[],
+    )
+    .unwrap();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    // A port where nothing listens: QUIC gets no answer at all.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = silent.local_addr().unwrap();
+    let buffer = Buffer::open(
+        &dir.path().join("edge"),
+        "gw-1",
+        BufferOptions {
+            max_bytes: 8 << 20,
+            map_size: 16 << 20,
+            sync: SyncMode::None,
+            ..BufferOptions::default()
+        },
+        Arc::new(EdgeMetrics::default()),
+    )
+    .unwrap();
+    append(&buffer, 0, 500);
+    let mut opts = options(
+        dir.path(),
+        vec![dead.to_string(), node.local_addr().to_string()],
+    );
+    opts.connect_timeout = Duration::from_millis(300);
+    let identity = Identity::load(
+        &dir.path().join("certs/gw-1.pem"),
+        &dir.path().join("certs/gw-1.key"),
+    )
+    .unwrap();
+    let metrics = Arc::new(UplinkMetrics::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let up = tokio::spawn(telemesh_gateway::run(
+        "gw-1".into(),
+        opts,
+        identity,
+        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
+        metrics.clone(),
+        stop_rx,
+    ));
+    wait("every event at the second node", 30, || {
+        node.log().read(1, usize::MAX).unwrap().len() >= 500
+    })
+    .await;
+    assert!(
+        metrics.reconnects.load(Relaxed) >= 1,
+        "the first node was tried and given up on"
+    );
+    stop.send(true).unwrap();
+    up.await.unwrap().unwrap();
+    drop(silent);
+    node.shutdown().await;
+}
