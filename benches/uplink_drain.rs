@@ -95,10 +95,12 @@ fn main() {
                 batch_max_events: 1_000,
                 batch_max_bytes: 1 << 20,
                 window: 16,
+                linger: Duration::ZERO,
             },
             max_event_bytes: 65_536,
             backoff_max: cap,
             connect_timeout: Duration::from_millis(if full { 2_000 } else { 300 }),
+            failback_interval: Duration::from_secs(10),
         };
         let identity = Identity::load(&dir.path().join("certs/gw-bench.pem"), &dir.path().join("certs/gw-bench.key")).unwrap();
         let source = BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits());

@@ -102,10 +102,12 @@ fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
             batch_max_events: 100,
             batch_max_bytes: 1 << 20,
             window: 4,
+            linger: Duration::ZERO,
         },
         max_event_bytes: 65_536,
         backoff_max: Duration::from_millis(200),
         connect_timeout: Duration::from_secs(2),
+        failback_interval: Duration::from_millis(200),
     }
 }
 
@@ -357,4 +359,105 @@ async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
     up.await.unwrap().unwrap();
     drop(silent);
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &[],
+    )
+    .unwrap();
+    // Node B runs from the start; node A (listed first) only later, on a port chosen now.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    std::fs::create_dir_all(b_dir.join("certs")).unwrap();
+    for f in ["ca.pem", "node-a.pem", "node-a.key"] {
+        std::fs::copy(
+            dir.path().join("certs").join(f),
+            b_dir.join("certs").join(f),
+        )
+        .unwrap();
+    }
+    let node_b = Node::start(node_config(&b_dir)).await.unwrap();
+    let a_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let buffer = Buffer::open(
+        &dir.path().join("edge"),
+        "gw-1",
+        BufferOptions {
+            max_bytes: 8 << 20,
+            map_size: 16 << 20,
+            sync: SyncMode::None,
+            ..BufferOptions::default()
+        },
+        Arc::new(EdgeMetrics::default()),
+    )
+    .unwrap();
+    let mut opts = options(
+        dir.path(),
+        vec![a_port.to_string(), node_b.local_addr().to_string()],
+    );
+    opts.connect_timeout = Duration::from_millis(300);
+    let identity = Identity::load(
+        &dir.path().join("certs/gw-1.pem"),
+        &dir.path().join("certs/gw-1.key"),
+    )
+    .unwrap();
+    let metrics = Arc::new(UplinkMetrics::default());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let up = tokio::spawn(telemesh_gateway::run(
+        "gw-1".into(),
+        opts,
+        identity,
+        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
+        metrics.clone(),
+        stop_rx,
+    ));
+    append(&buffer, 0, 100);
+    wait("the first 100 at node B", 30, || {
+        node_b.log().read(1, usize::MAX).unwrap().len() >= 100
+    })
+    .await;
+
+    let mut cfg_a = node_config(dir.path());
+    cfg_a.node.listen = a_port;
+    let node_a = Node::start(cfg_a).await.unwrap();
+    // The uplink probes A, finds it, and moves: new events go to A.
+    wait("the uplink back on node A", 30, || {
+        node_a.metrics().connections.load(Relaxed) >= 1
+    })
+    .await;
+    append(&buffer, 100, 200);
+    wait("the next 100 at node A", 30, || {
+        node_a.log().read(1, usize::MAX).unwrap().len() >= 100
+    })
+    .await;
+    let at_a: Vec<u64> = node_a
+        .log()
+        .read(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| match r {
+            Record::Event { event, .. } => std::str::from_utf8(&event.payload)
+                .unwrap()
+                .parse()
+                .unwrap(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        at_a,
+        (100..200).collect::<Vec<_>>(),
+        "after failing back, A gets what followed"
+    );
+    stop.send(true).unwrap();
+    up.await.unwrap().unwrap();
+    node_a.shutdown().await;
+    node_b.shutdown().await;
 }

@@ -246,10 +246,12 @@ impl Agent {
                         batch_max_events: u.batch_max_events,
                         batch_max_bytes: u.batch_max_bytes.as_u64() as usize,
                         window: u.window,
+                        linger: u.linger,
                     },
                     max_event_bytes: (cfg.mqtt.max_payload.as_u64() + 65_535) as u32,
                     backoff_max: u.backoff_max,
                     connect_timeout: u.connect_timeout,
+                    failback_interval: u.failback_interval,
                 };
                 let source = crate::uplink::BufferSource::new(
                     buffer.reader(),

@@ -58,6 +58,17 @@ pub struct UplinkSection {
     /// The longest a connection attempt may take before the next node is tried.
     #[serde(with = "humantime_serde", default = "default_uplink_connect")]
     pub connect_timeout: Duration,
+    /// How long a batch that is not full may wait for more events (0: no waiting).
+    #[serde(with = "humantime_serde", default)]
+    pub linger: Duration,
+    /// While on another node than the first, how often to check whether the first answers
+    /// again, and go back to it.
+    #[serde(with = "humantime_serde", default = "default_failback")]
+    pub failback_interval: Duration,
+}
+
+fn default_failback() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_uplink_connect() -> Duration {
@@ -370,6 +381,9 @@ impl EdgeConfig {
                     return Err(invalid(key, format!("{} does not exist", path.display())));
                 }
             }
+            if u.failback_interval.is_zero() {
+                return Err(invalid("uplink.failback_interval", "must be above 0"));
+            }
             if u.connect_timeout.is_zero() {
                 return Err(invalid("uplink.connect_timeout", "must be above 0"));
             }
@@ -461,6 +475,8 @@ sync_interval = "100ms"
 # window = 8                       # batches in flight
 # backoff_max = "1s"               # longest wait between reconnection rounds
 # connect_timeout = "2s"           # a node that is down is given up on after this
+# linger = "0ms"                   # how long a batch that is not full may wait to fill
+# failback_interval = "10s"        # on a later node, how often to check the first again
 "#;
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub struct UplinkOptions {
     /// The longest a connection attempt (QUIC and TLS handshake) may take; a node that is
     /// down does not answer at all, so this is how long it takes to move on.
     pub connect_timeout: Duration,
+    /// While connected to another node than the first, how often to check whether the first
+    /// answers again (and go back to it when it does).
+    pub failback_interval: Duration,
 }
 
 /// Re-exported so callers name the same rustls as the mesh.
@@ -119,6 +122,9 @@ pub enum SessionError {
     /// The connection ended.
     #[error("connection closed")]
     Closed,
+    /// The first node answers again: going back to it.
+    #[error("the first node answers again")]
+    FailBack,
 }
 
 async fn resolve(node: &str) -> Result<(SocketAddr, String), SessionError> {
@@ -162,15 +168,17 @@ pub async fn run<S: Source>(
     let mut fwd = Forwarder::new(origin.clone(), opts.forwarder, source.acked());
     let mut backoff = Duration::from_millis(50);
     loop {
-        for node in &opts.nodes {
+        for (index, node) in opts.nodes.iter().enumerate() {
             if *shutdown.borrow() {
                 endpoint.close(0u32.into(), b"shutting down");
                 return Ok(());
             }
             let span = tracing::info_span!("uplink", %node);
+            let preferred = (index > 0).then(|| opts.nodes[0].as_str());
             let result = session(
                 &endpoint,
                 node,
+                preferred,
                 &opts,
                 &origin,
                 &source,
@@ -213,10 +221,33 @@ pub async fn run<S: Source>(
     }
 }
 
+/// True when `node` completes a handshake within the connect timeout.
+async fn answers(
+    endpoint: quinn::Endpoint,
+    node: String,
+    server_name: Option<String>,
+    timeout: Duration,
+) -> bool {
+    let Ok((addr, host)) = resolve(&node).await else {
+        return false;
+    };
+    let Ok(connecting) = endpoint.connect(addr, &server_name.unwrap_or(host)) else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(0u32.into(), b"probe");
+            true
+        }
+        _ => false,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn session<S: Source>(
     endpoint: &quinn::Endpoint,
     node: &str,
+    preferred: Option<&str>,
     opts: &UplinkOptions,
     origin: &str,
     source: &S,
@@ -274,13 +305,15 @@ async fn session<S: Source>(
     metrics.connected.store(true, Relaxed);
     fwd.on_connected();
     let mut changes = source.changes();
+    let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut next_probe = tokio::time::Instant::now() + opts.failback_interval;
     loop {
         while let Some(req) = fwd.wants_read() {
             let events = source
                 .read(req.after, req.max_events)
                 .map_err(SessionError::Source)?;
             let gaps = source.gaps().map_err(SessionError::Source)?;
-            let frames = fwd.on_read(events, &gaps);
+            let frames = fwd.on_read(std::time::Instant::now(), events, &gaps);
             if frames.is_empty() {
                 break;
             }
@@ -308,6 +341,21 @@ async fn session<S: Source>(
                 _ => return Err(SessionError::Closed),
             },
             _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(fwd.poll_timeout().map_or(next_probe, tokio::time::Instant::from_std)),
+                if fwd.poll_timeout().is_some() => {}
+            _ = tokio::time::sleep_until(next_probe), if preferred.is_some() && probe.is_none() => {
+                let first = preferred.unwrap_or_default().to_owned();
+                probe = Some(tokio::spawn(answers(endpoint.clone(), first, opts.server_name.clone(), opts.connect_timeout)));
+            }
+            back = async { probe.as_mut().expect("guarded").await }, if probe.is_some() => {
+                probe = None;
+                if back.unwrap_or(false) {
+                    info!("the first node answers again: going back to it");
+                    conn.close(0u32.into(), b"failing back");
+                    return Err(SessionError::FailBack);
+                }
+                next_probe = tokio::time::Instant::now() + opts.failback_interval;
+            }
             _ = shutdown.changed() => {
                 conn.close(0u32.into(), b"agent stopping");
                 return Ok(());

@@ -20,6 +20,7 @@
 //!   (or a batch of their own), each until a batch holding it is acknowledged.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::event::{Event, Gap};
 use crate::frame::Frame;
@@ -33,6 +34,9 @@ pub struct ForwarderConfig {
     pub batch_max_bytes: usize,
     /// Most batches in flight.
     pub window: usize,
+    /// How long a batch that is not full may wait for more events before it is sent (zero:
+    /// send as soon as the window has room).
+    pub linger: Duration,
 }
 
 impl Default for ForwarderConfig {
@@ -41,6 +45,7 @@ impl Default for ForwarderConfig {
             batch_max_events: 1_000,
             batch_max_bytes: 1 << 20,
             window: 8,
+            linger: Duration::ZERO,
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct Forwarder {
     /// Gap ids in batches in flight.
     gaps_in_flight: BTreeSet<u64>,
     trim: Trim,
+    /// Since when a batch that is not full has been waiting (linger).
+    partial_since: Option<Instant>,
 }
 
 impl Forwarder {
@@ -124,6 +131,7 @@ impl Forwarder {
             acked,
             gaps_in_flight: BTreeSet::new(),
             trim: Trim::default(),
+            partial_since: None,
         }
     }
 
@@ -162,13 +170,39 @@ impl Forwarder {
         })
     }
 
+    /// When the driver must call [`Forwarder::on_read`] again although nothing new arrived:
+    /// the moment a lingering batch is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.partial_since.map(|t| t + self.cfg.linger)
+    }
+
     /// Events read after [`ReadRequest::after`] (in buffer order), and the buffer's gap
-    /// records: returns the batches to send, in order.
-    pub fn on_read(&mut self, events: Vec<(u64, Event)>, gaps: &[BufferedGap]) -> Vec<Frame> {
+    /// records, at `now`: returns the batches to send, in order. A batch that is not full
+    /// waits up to `linger` for more events (see [`Forwarder::poll_timeout`]).
+    pub fn on_read(
+        &mut self,
+        now: Instant,
+        events: Vec<(u64, Event)>,
+        gaps: &[BufferedGap],
+    ) -> Vec<Frame> {
         let mut frames = Vec::new();
         if !self.connected {
             return frames;
         }
+        if !self.cfg.linger.is_zero() && !events.is_empty() {
+            let same_epoch = events.iter().all(|(e, _)| *e == events[0].0);
+            let bytes: usize = events.iter().map(|(_, ev)| ev.size()).sum();
+            let fills = events.len() >= self.cfg.batch_max_events
+                || bytes >= self.cfg.batch_max_bytes
+                || !same_epoch;
+            if !fills {
+                let since = *self.partial_since.get_or_insert(now);
+                if now < since + self.cfg.linger {
+                    return frames;
+                }
+            }
+        }
+        self.partial_since = None;
         let mut pending_gaps: Vec<&BufferedGap> = gaps
             .iter()
             .filter(|g| !self.gaps_in_flight.contains(&g.id) && !self.trim.gap_ids.contains(&g.id))
@@ -268,5 +302,91 @@ impl Forwarder {
             return None;
         }
         Some(std::mem::take(&mut self.trim))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64) -> (u64, Event) {
+        (
+            1,
+            Event {
+                seq,
+                topic: "t".into(),
+                payload: vec![0; 10],
+                ts_us: seq,
+                qos: 1,
+                headers: None,
+            },
+        )
+    }
+
+    #[test]
+    fn linger_holds_a_partial_batch_until_due_and_sends_a_full_one_at_once() {
+        let cfg = ForwarderConfig {
+            batch_max_events: 10,
+            batch_max_bytes: 1 << 20,
+            window: 4,
+            linger: Duration::from_millis(5),
+        };
+        let mut f = Forwarder::new("gw", cfg, None);
+        f.on_connected();
+        let t0 = Instant::now();
+        assert!(
+            f.on_read(t0, vec![ev(1), ev(2)], &[]).is_empty(),
+            "partial: wait"
+        );
+        assert_eq!(f.poll_timeout(), Some(t0 + Duration::from_millis(5)));
+        assert!(f
+            .on_read(
+                t0 + Duration::from_millis(4),
+                vec![ev(1), ev(2), ev(3)],
+                &[]
+            )
+            .is_empty());
+        let due = f.on_read(
+            t0 + Duration::from_millis(5),
+            vec![ev(1), ev(2), ev(3)],
+            &[],
+        );
+        assert_eq!(due.len(), 1, "due: sent");
+        assert_eq!(f.poll_timeout(), None);
+        // A full batch goes at once.
+        let full: Vec<_> = (4..=13).map(ev).collect();
+        assert_eq!(f.on_read(t0 + Duration::from_millis(5), full, &[]).len(), 1);
+    }
+
+    #[test]
+    fn acks_must_come_in_order_and_trim_follows_them() {
+        let mut f = Forwarder::new(
+            "gw",
+            ForwarderConfig {
+                batch_max_events: 2,
+                ..ForwarderConfig::default()
+            },
+            None,
+        );
+        f.on_connected();
+        let frames = f.on_read(Instant::now(), (1..=4).map(ev).collect(), &[]);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(f.poll_trim(), None);
+        assert!(matches!(
+            f.on_ack(2),
+            Err(ForwardError::AckOutOfOrder {
+                got: 2,
+                expected: Some(1)
+            })
+        ));
+        f.on_ack(1).unwrap();
+        assert_eq!(f.poll_trim().unwrap().through, Some((1, 2)));
+        f.on_disconnected();
+        f.on_connected();
+        assert_eq!(
+            f.wants_read().unwrap().after,
+            Some((1, 2)),
+            "resend from the acked point"
+        );
     }
 }

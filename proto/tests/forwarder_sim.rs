@@ -142,6 +142,7 @@ fn run(seed: u64) {
         batch_max_events: 1 + rng.below(7) as usize,
         batch_max_bytes: 64,
         window: 1 + rng.below(4) as usize,
+        linger: std::time::Duration::ZERO,
     };
     let mut buf = Buffer {
         epoch: 1,
@@ -207,7 +208,7 @@ fn run(seed: u64) {
         if connected {
             if let Some(req) = fwd.wants_read() {
                 let events = buf.read(req.after, req.max_events);
-                to_node.extend(fwd.on_read(events, &buf.gaps));
+                to_node.extend(fwd.on_read(std::time::Instant::now(), events, &buf.gaps));
             }
             if rng.chance(60) {
                 if let Some(f) = to_node.pop_front() {
