@@ -2,6 +2,7 @@
 //!
 //! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
 
+pub mod client;
 pub mod config;
 pub mod log;
 pub mod node;

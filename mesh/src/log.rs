@@ -143,6 +143,7 @@ struct Shared {
     lost: Db,
     gapseen: Db,
     meta: Db,
+    cursors: Db,
 }
 
 enum Cmd {
@@ -153,7 +154,31 @@ enum Cmd {
         gaps: Vec<Gap>,
         reply: oneshot::Sender<Result<IngestOutcome, String>>,
     },
+    /// Store a durable consumer's cursor (batched into the next commit).
+    Cursor {
+        key: Vec<u8>,
+        cursor: Cursor,
+        reply: Option<oneshot::Sender<Result<(), String>>>,
+    },
     Stop,
+}
+
+/// A durable consumer's state: its filters and what it acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The subscription's filters (a durable name keeps them).
+    pub filters: Vec<String>,
+    /// The last node seq acknowledged (0: nothing yet).
+    pub acked: u64,
+}
+
+/// The key of a durable consumer: its identity and name.
+pub fn cursor_key(identity: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(identity.len() + name.len() + 1);
+    k.extend_from_slice(identity.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
 }
 
 /// The node's log: ingest through [`NodeLog::ingest`], read through [`NodeLog::read`], follow
@@ -213,7 +238,7 @@ impl NodeLog {
         // SAFETY: the node's own directory, opened once per process.
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (log, held, lost, gapseen, meta) = env
+        let (log, held, lost, gapseen, meta, cursors) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("log"))?,
@@ -221,6 +246,7 @@ impl NodeLog {
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("lost"))?,
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("gapseen"))?,
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("meta"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("cursors"))?,
                 )))
             })?
             .unwrap_commit();
@@ -231,6 +257,7 @@ impl NodeLog {
             lost,
             gapseen,
             meta,
+            cursors,
         });
         let mut wtxn = shared.env.write_txn()?;
         let meta = match shared.meta.get(&wtxn, META)? {
@@ -369,6 +396,68 @@ impl NodeLog {
         Ok(out)
     }
 
+    /// Stores a durable consumer's cursor; returns once committed.
+    pub async fn put_cursor(&self, key: Vec<u8>, cursor: Cursor) -> Result<(), LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Cursor {
+                key,
+                cursor,
+                reply: Some(reply),
+            })
+            .await
+            .map_err(|_| LogError::Writer("stopped".into()))?;
+        rx.await
+            .map_err(|_| LogError::Writer("stopped".into()))?
+            .map_err(LogError::Writer)
+    }
+
+    /// A durable consumer's stored cursor.
+    pub fn cursor(&self, key: &[u8]) -> Result<Option<Cursor>, LogError> {
+        let rtxn = self.shared.env.read_txn()?;
+        match self.shared.cursors.get(&rtxn, key)? {
+            Some(b) => Ok(Some(
+                postcard::from_bytes(b).map_err(|e| LogError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The first node seq the log holds (1 until retention deletes anything).
+    pub fn first_seq(&self) -> Result<u64, LogError> {
+        let rtxn = self.shared.env.read_txn()?;
+        Ok(match self.shared.log.first(&rtxn)? {
+            Some((k, _)) => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(k);
+                u64::from_be_bytes(b)
+            }
+            None => *self.committed.borrow() + 1,
+        })
+    }
+
+    /// The first node seq ingested at or after `ts_us` (ingest time never goes backwards, so
+    /// this is a binary search); one past the last when none is.
+    pub fn seq_at_time(&self, ts_us: u64) -> Result<u64, LogError> {
+        let rtxn = self.shared.env.read_txn()?;
+        let (mut lo, mut hi) = (self.first_seq()?, *self.committed.borrow() + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let t = match self.shared.log.get(&rtxn, &mid.to_be_bytes())? {
+                Some(v) => postcard::from_bytes::<Record>(v)
+                    .map_err(|e| LogError::Corrupt(e.to_string()))?
+                    .ingest_us(),
+                None => 0,
+            };
+            if t < ts_us {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
     /// The seqs held for (origin, epoch).
     pub fn held(&self, origin: &str, epoch: u64) -> Result<RangeSet, LogError> {
         let rtxn = self.shared.env.read_txn()?;
@@ -423,25 +512,34 @@ impl Writer {
     fn commit(&mut self, group: Vec<Cmd>) {
         let mut replies = Vec::new();
         let mut batches = Vec::new();
+        let mut cursors = Vec::new();
         for c in group {
-            if let Cmd::Ingest {
-                origin,
-                epoch,
-                events,
-                gaps,
-                reply,
-            } = c
-            {
-                batches.push((origin, epoch, events, gaps));
-                replies.push(reply);
+            match c {
+                Cmd::Ingest {
+                    origin,
+                    epoch,
+                    events,
+                    gaps,
+                    reply,
+                } => {
+                    batches.push((origin, epoch, events, gaps));
+                    replies.push(reply);
+                }
+                Cmd::Cursor { key, cursor, reply } => cursors.push((key, cursor, reply)),
+                Cmd::Stop => {}
             }
         }
-        if batches.is_empty() {
+        if batches.is_empty() && cursors.is_empty() {
             return;
         }
         if let Some(f) = &self.failed {
             for r in replies {
                 let _ = r.send(Err(f.clone()));
+            }
+            for (_, _, r) in cursors {
+                if let Some(r) = r {
+                    let _ = r.send(Err(f.clone()));
+                }
             }
             return;
         }
@@ -453,6 +551,9 @@ impl Writer {
             let mut outcomes = Vec::new();
             for (origin, epoch, events, gaps) in &batches {
                 outcomes.push(self.apply(&mut wtxn, origin, *epoch, events, gaps, &mut dirty)?);
+            }
+            for (key, cursor, _) in &cursors {
+                shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
             }
             for key in &dirty {
                 if let Some(set) = self.held.get(key) {
@@ -476,6 +577,11 @@ impl Writer {
                 for (r, o) in replies.into_iter().zip(outcomes) {
                     let _ = r.send(Ok(o));
                 }
+                for (_, _, r) in cursors {
+                    if let Some(r) = r {
+                        let _ = r.send(Ok(()));
+                    }
+                }
             }
             Err(e) => {
                 // Forget cached sets this transaction touched: they will be reloaded.
@@ -489,6 +595,11 @@ impl Writer {
                 self.failed = Some(why.clone());
                 for r in replies {
                     let _ = r.send(Err(why.clone()));
+                }
+                for (_, _, r) in cursors {
+                    if let Some(r) = r {
+                        let _ = r.send(Err(why.clone()));
+                    }
                 }
             }
         }

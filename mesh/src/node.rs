@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Access, NodeConfig};
-use crate::log::{wait_commit, NodeLog, Pending};
+use crate::log::{wait_commit, NodeLog, Pending, Record};
 use crate::tls::{self, Identity, TlsError};
 use crate::wire::{write_frame, FrameReader, WireError};
 
@@ -43,6 +43,8 @@ pub struct NodeMetrics {
     pub events_rejected: AtomicU64,
     /// Connections closed for malformed or unexpected frames.
     pub protocol_errors: AtomicU64,
+    /// Events delivered to consumers.
+    pub delivered: AtomicU64,
 }
 
 /// Errors starting a node.
@@ -68,6 +70,8 @@ struct Ctx {
     cfg: NodeConfig,
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
+    /// Durable consumers with a live connection (a name is exclusive).
+    active_durables: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 /// A running node.
@@ -131,6 +135,7 @@ impl Node {
             cfg: cfg.clone(),
             log: log.clone(),
             metrics: metrics.clone(),
+            active_durables: Default::default(),
         });
         let ep = endpoint.clone();
         let task = tokio::spawn(
@@ -231,10 +236,28 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
         return;
     };
     let span = tracing::info_span!("peer", %identity);
+    // Every stream of the connection opens with its own hello (a consumer may run several
+    // subscriptions on one connection).
     async move {
-        let Ok((mut send, recv)) = conn.accept_bi().await else {
-            return;
-        };
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            tokio::spawn(
+                stream(conn.clone(), identity.clone(), send, recv, ctx.clone())
+                    .instrument(tracing::Span::current()),
+            );
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn stream(
+    conn: quinn::Connection,
+    identity: String,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    ctx: Arc<Ctx>,
+) {
+    {
         let max_frame = ctx.cfg.node.max_frame_bytes.as_u64() as u32;
         let mut reader = FrameReader::new(recv, max_frame);
         let hello = match reader.next().await {
@@ -255,7 +278,11 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
         } = hello
         else {
             ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-            close(&conn, ErrorCode::UNEXPECTED_FRAME, "the first frame must be a hello");
+            close(
+                &conn,
+                ErrorCode::UNEXPECTED_FRAME,
+                "the first frame must be a hello",
+            );
             return;
         };
         if version != PROTOCOL_VERSION {
@@ -269,9 +296,15 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
         let Some(access) = ctx.cfg.access_for(&identity, role).cloned() else {
             let known = ctx.cfg.access.iter().any(|a| a.identity == identity);
             let (code, why) = if known {
-                (ErrorCode::ROLE_DENIED, format!("{identity} may not connect as {}", role.as_str()))
+                (
+                    ErrorCode::ROLE_DENIED,
+                    format!("{identity} may not connect as {}", role.as_str()),
+                )
             } else {
-                (ErrorCode::UNKNOWN_IDENTITY, format!("{identity} has no access entry"))
+                (
+                    ErrorCode::UNKNOWN_IDENTITY,
+                    format!("{identity} has no access entry"),
+                )
             };
             return reject(&mut send, &conn, &ctx, code, why).await;
         };
@@ -280,8 +313,8 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
             let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
             return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
         }
-        if role != Role::Uplink {
-            let why = format!("the {} role is not served by this node yet", role.as_str());
+        if role == Role::Peer {
+            let why = "the peer role (replication) is not served by this node yet".to_owned();
             return reject(&mut send, &conn, &ctx, ErrorCode::ROLE_DENIED, why).await;
         }
         let welcome = Frame::Welcome {
@@ -297,10 +330,12 @@ async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
         }
         ctx.metrics.connections.fetch_add(1, Relaxed);
         debug!(role = role.as_str(), "welcomed");
-        uplink(conn, identity, access, reader, send, ctx).await;
+        if role == Role::Consumer {
+            consumer(conn, identity, access, reader, send, ctx).await;
+        } else {
+            uplink(conn, identity, access, reader, send, ctx).await;
+        }
     }
-    .instrument(span)
-    .await
 }
 
 enum AckItem {
@@ -452,4 +487,280 @@ async fn acker(
         }
     }
     let _ = send.finish();
+}
+
+/// Releases a durable consumer's name when its connection ends.
+struct DurableGuard<'a>(&'a Ctx, Option<Vec<u8>>);
+
+impl Drop for DurableGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.1.take() {
+            self.0
+                .active_durables
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&k);
+        }
+    }
+}
+
+/// Refuses a subscription: the error ends its stream; the connection stays for others.
+async fn send_error(
+    send: &mut quinn::SendStream,
+    _conn: &quinn::Connection,
+    code: ErrorCode,
+    reason: String,
+) {
+    warn!(%code, %reason, "subscription refused");
+    let _ = write_frame(send, &Frame::Error { code, reason }).await;
+    let _ = send.finish();
+}
+
+/// Serves one subscription: catch-up and live tail are one loop — read the committed log
+/// from the cursor, and when it is reached, wait for the committed mark to move. Credit
+/// bounds what is sent ahead of the consumer, so a slow consumer costs no memory.
+async fn consumer(
+    conn: quinn::Connection,
+    identity: String,
+    access: Access,
+    mut reader: FrameReader,
+    mut send: quinn::SendStream,
+    ctx: Arc<Ctx>,
+) {
+    use telemesh_proto::frame::{Delivered, DeliveredGap};
+    use telemesh_proto::topic::{filter_within, validate_filter};
+    use telemesh_proto::Start;
+
+    let Ok(Some(Frame::Subscribe {
+        filters,
+        start,
+        durable,
+        credit,
+        gaps: want_gaps,
+    })) = reader.next().await
+    else {
+        ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+        close(
+            &conn,
+            ErrorCode::UNEXPECTED_FRAME,
+            "a consumer starts with subscribe",
+        );
+        return;
+    };
+    if filters.is_empty() {
+        return send_error(
+            &mut send,
+            &conn,
+            ErrorCode::INVALID_FILTER,
+            "no filter".into(),
+        )
+        .await;
+    }
+    for f in &filters {
+        if let Err(e) = validate_filter(f) {
+            return send_error(
+                &mut send,
+                &conn,
+                ErrorCode::INVALID_FILTER,
+                format!("{f:?}: {e}"),
+            )
+            .await;
+        }
+        let allowed = access
+            .read
+            .as_ref()
+            .is_none_or(|read| read.iter().any(|r| filter_within(f, r)));
+        if !allowed {
+            return send_error(
+                &mut send,
+                &conn,
+                ErrorCode::READ_DENIED,
+                format!("{f:?} is outside what {identity} may read"),
+            )
+            .await;
+        }
+    }
+    let key = durable
+        .as_ref()
+        .map(|name| crate::log::cursor_key(&identity, name));
+    let mut guard = DurableGuard(&ctx, None);
+    if let Some(k) = &key {
+        let fresh = ctx
+            .active_durables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(k.clone());
+        if !fresh {
+            return send_error(
+                &mut send,
+                &conn,
+                ErrorCode::DURABLE_IN_USE,
+                "the durable name is in use".into(),
+            )
+            .await;
+        }
+        guard.1 = Some(k.clone());
+    }
+    let stored = match &key {
+        Some(k) => ctx.log.cursor(k).ok().flatten(),
+        None => None,
+    };
+    let committed_now = *ctx.log.committed().borrow();
+    let mut from = match &stored {
+        Some(c) if c.filters != filters => {
+            return send_error(
+                &mut send,
+                &conn,
+                ErrorCode::DURABLE_FILTERS_DIFFER,
+                "the durable name has other filters".into(),
+            )
+            .await;
+        }
+        Some(c) => c.acked + 1,
+        None => match start {
+            Start::Earliest => ctx.log.first_seq().unwrap_or(1),
+            Start::Latest => committed_now + 1,
+            Start::Seq(n) => n.max(1),
+            Start::Time(t) => ctx.log.seq_at_time(t).unwrap_or(committed_now + 1),
+        },
+    };
+    if let (Some(k), None) = (&key, &stored) {
+        let cursor = crate::log::Cursor {
+            filters: filters.clone(),
+            acked: from - 1,
+        };
+        if ctx.log.put_cursor(k.clone(), cursor).await.is_err() {
+            return send_error(
+                &mut send,
+                &conn,
+                ErrorCode::STORAGE_FAILED,
+                "cannot store the cursor".into(),
+            )
+            .await;
+        }
+    }
+    let earliest = ctx.log.first_seq().unwrap_or(1);
+    if from < earliest {
+        if write_frame(
+            &mut send,
+            &Frame::Truncated {
+                requested: from,
+                earliest,
+            },
+        )
+        .await
+        .is_err()
+        {
+            return;
+        }
+        from = earliest;
+    }
+    if write_frame(&mut send, &Frame::Subscribed { from })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut credit = u64::from(credit);
+    let mut committed = ctx.log.committed();
+    loop {
+        let head = *committed.borrow_and_update();
+        let deliverable = credit > 0 && from <= head;
+        if deliverable {
+            let want = credit.min(1_000) as usize;
+            let records = match ctx.log.read(from, 4_096) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "log read failed");
+                    break;
+                }
+            };
+            let mut events = Vec::new();
+            let mut gap_items = Vec::new();
+            let mut through = from - 1;
+            for (seq, rec) in records {
+                if seq > head || events.len() >= want {
+                    break;
+                }
+                through = seq;
+                match rec {
+                    Record::Event {
+                        origin,
+                        epoch,
+                        ingest_us,
+                        event,
+                    } => {
+                        if filters.iter().any(|f| matches(f, &event.topic)) {
+                            events.push(Delivered {
+                                node_seq: seq,
+                                ingest_us,
+                                origin,
+                                epoch,
+                                event,
+                            });
+                        }
+                    }
+                    Record::Gap {
+                        origin, epoch, gap, ..
+                    } => {
+                        if want_gaps {
+                            gap_items.push(DeliveredGap {
+                                node_seq: seq,
+                                origin,
+                                epoch,
+                                gap,
+                            });
+                        }
+                    }
+                }
+            }
+            from = through + 1;
+            let frame = if events.is_empty() && gap_items.is_empty() {
+                Frame::Scanned { through }
+            } else {
+                credit -= events.len() as u64;
+                ctx.metrics
+                    .delivered
+                    .fetch_add(events.len() as u64, Relaxed);
+                Frame::Deliver {
+                    events,
+                    gaps: gap_items,
+                }
+            };
+            if write_frame(&mut send, &frame).await.is_err() {
+                break;
+            }
+        }
+        let deliverable = credit > 0 && from <= *committed.borrow();
+        tokio::select! {
+            biased;
+            f = reader.next() => match f {
+                Ok(Some(Frame::Credit { events })) => credit = credit.saturating_add(u64::from(events)),
+                Ok(Some(Frame::ConsumerAck { through })) => {
+                    if let Some(k) = &key {
+                        let cursor = crate::log::Cursor { filters: filters.clone(), acked: through.min(from - 1) };
+                        if ctx.log.put_cursor(k.clone(), cursor).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Ok(Some(_)) => {
+                    ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+                    close(&conn, ErrorCode::UNEXPECTED_FRAME, "a consumer sends credit and acks only");
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !matches!(e, WireError::Read(_)) {
+                        ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+                        close(&conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                    }
+                    break;
+                }
+            },
+            r = committed.changed(), if !deliverable => if r.is_err() { break },
+            _ = std::future::ready(()), if deliverable => {}
+        }
+    }
+    drop(guard);
 }

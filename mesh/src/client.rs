@@ -1,0 +1,351 @@
+//! The client library for cloud services: connect to a node as a consumer, subscribe with
+//! filters and a start position (optionally as a durable consumer), and receive events with
+//! their full identity. Credit is granted automatically as items are taken, so the node never
+//! sends more than `credit_window` events ahead of the service.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), telemesh_mesh::client::ClientError> {
+//! use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+//! let cfg = ClientConfig::load(std::path::Path::new("client.toml"))?;
+//! let client = Client::connect(&cfg).await?;
+//! let mut sub = client
+//!     .subscribe(SubscribeOptions::new(vec!["site-a/#".into()]).durable("analytics"))
+//!     .await?;
+//! while let Some(item) = sub.next().await? {
+//!     if let Item::Event(e) = item {
+//!         println!("{} {} {} {}", e.origin, e.epoch, e.event.seq, e.event.topic);
+//!         sub.ack(e.node_seq).await?; // cumulative
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use telemesh_proto::frame::{Compression, Delivered, DeliveredGap};
+use telemesh_proto::{ErrorCode, Frame, Role, Start, PROTOCOL_VERSION};
+
+use crate::tls::{self, Identity};
+use crate::wire::{write_frame, FrameReader, WireError};
+
+/// `client.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The node, `host:port`.
+    pub node: String,
+    /// The name to verify on the node's certificate (default: the host).
+    pub server_name: Option<String>,
+    /// The mesh CA.
+    pub ca: PathBuf,
+    /// This client's certificate.
+    pub cert: PathBuf,
+    /// This client's key.
+    pub key: PathBuf,
+}
+
+impl ClientConfig {
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ClientError::Config(e.to_string()))
+    }
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The config is unusable.
+    #[error("config: {0}")]
+    Config(String),
+    /// Certificates.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Connecting failed.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The node refused.
+    #[error("refused: {code} {reason}")]
+    Refused {
+        /// The code.
+        code: ErrorCode,
+        /// Why.
+        reason: String,
+    },
+    /// The stream failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The node sent something unexpected.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// A connection to a node.
+#[derive(Debug)]
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    node_id: String,
+}
+
+/// What to subscribe to.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// MQTT filters.
+    pub filters: Vec<String>,
+    /// Where to start (ignored for an existing durable consumer).
+    pub start: Start,
+    /// A durable consumer's name.
+    pub durable: Option<String>,
+    /// Whether gap records are wanted too.
+    pub gaps: bool,
+    /// Events the node may send ahead.
+    pub credit_window: u32,
+}
+
+impl SubscribeOptions {
+    /// `filters`, from the latest event on, 1,000 events of credit.
+    pub fn new(filters: Vec<String>) -> Self {
+        SubscribeOptions {
+            filters,
+            start: Start::Latest,
+            durable: None,
+            gaps: false,
+            credit_window: 1_000,
+        }
+    }
+
+    /// Start here.
+    pub fn start(mut self, start: Start) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// As the durable consumer `name`.
+    pub fn durable(mut self, name: &str) -> Self {
+        self.durable = Some(name.to_owned());
+        self
+    }
+
+    /// Deliver gap records too.
+    pub fn gaps(mut self, gaps: bool) -> Self {
+        self.gaps = gaps;
+        self
+    }
+}
+
+/// One thing a subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// An event.
+    Event(Delivered),
+    /// A gap record (with `gaps`).
+    Gap(DeliveredGap),
+    /// The start lay before what the node still holds.
+    Truncated {
+        /// The node seq asked for.
+        requested: u64,
+        /// Where delivery starts instead.
+        earliest: u64,
+    },
+}
+
+/// A running subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    send: quinn::SendStream,
+    reader: FrameReader,
+    pending: std::collections::VecDeque<Item>,
+    window: u32,
+    taken: u32,
+    /// The first node seq the subscription may deliver.
+    pub from: u64,
+    /// The last node seq the node scanned or delivered.
+    pub position: u64,
+}
+
+impl Client {
+    /// Connects as a consumer.
+    pub async fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
+        let roots = tls::load_roots(&cfg.ca)?;
+        let client = tls::client_config(roots, Identity::load(&cfg.cert, &cfg.key)?)?;
+        let identity = Identity::load(&cfg.cert, &cfg.key)?
+            .name()
+            .ok_or_else(|| ClientError::Config("the certificate names no one".into()))?;
+        let addr: SocketAddr = tokio::net::lookup_host(&cfg.node)
+            .await
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", cfg.node)))?
+            .next()
+            .ok_or_else(|| ClientError::Connect(format!("{}: no address", cfg.node)))?;
+        let host = cfg
+            .node
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_owned())
+            .unwrap_or_default();
+        let name = cfg.server_name.clone().unwrap_or(host);
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse()
+        } else {
+            "0.0.0.0:0".parse()
+        }
+        .map_err(|e: std::net::AddrParseError| ClientError::Connect(e.to_string()))?;
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+        endpoint.set_default_client_config(client);
+        let conn = endpoint
+            .connect(addr, &name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Client {
+            endpoint,
+            conn,
+            node_id: identity,
+        })
+    }
+
+    /// This client's identity.
+    pub fn identity(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Starts a subscription on its own stream.
+    pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        write_frame(
+            &mut send,
+            &Frame::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Consumer,
+                id: self.node_id.clone(),
+                max_event_bytes: 0,
+                compression: vec![Compression::None],
+            },
+        )
+        .await?;
+        let mut reader = FrameReader::new(recv, 64 << 20);
+        match reader.next().await? {
+            Some(Frame::Welcome { .. }) => {}
+            Some(Frame::Reject { code, reason }) => {
+                return Err(ClientError::Refused { code, reason })
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
+        }
+        write_frame(
+            &mut send,
+            &Frame::Subscribe {
+                filters: opts.filters,
+                start: opts.start,
+                durable: opts.durable,
+                credit: opts.credit_window,
+                gaps: opts.gaps,
+            },
+        )
+        .await?;
+        let mut pending = std::collections::VecDeque::new();
+        let from = loop {
+            match reader.next().await? {
+                Some(Frame::Subscribed { from }) => break from,
+                Some(Frame::Truncated {
+                    requested,
+                    earliest,
+                }) => pending.push_back(Item::Truncated {
+                    requested,
+                    earliest,
+                }),
+                Some(Frame::Error { code, reason }) => {
+                    return Err(ClientError::Refused { code, reason })
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected subscribed, got {other:?}"
+                    )))
+                }
+            }
+        };
+        Ok(Subscription {
+            send,
+            reader,
+            pending,
+            window: opts.credit_window.max(1),
+            taken: 0,
+            from,
+            position: from.saturating_sub(1),
+        })
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Subscription {
+    /// The next item; `None` when the node ended the subscription.
+    pub async fn next(&mut self) -> Result<Option<Item>, ClientError> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                if matches!(item, Item::Event(_)) {
+                    self.taken += 1;
+                    // Grant more once half the window is used.
+                    if self.taken >= self.window / 2 {
+                        write_frame(&mut self.send, &Frame::Credit { events: self.taken }).await?;
+                        self.taken = 0;
+                    }
+                }
+                return Ok(Some(item));
+            }
+            match self.reader.next().await? {
+                Some(Frame::Deliver { events, gaps }) => {
+                    // Interleave by node seq.
+                    let mut items: Vec<(u64, Item)> = events
+                        .into_iter()
+                        .map(|e| (e.node_seq, Item::Event(e)))
+                        .chain(gaps.into_iter().map(|g| (g.node_seq, Item::Gap(g))))
+                        .collect();
+                    items.sort_by_key(|(s, _)| *s);
+                    if let Some((last, _)) = items.last() {
+                        self.position = self.position.max(*last);
+                    }
+                    self.pending.extend(items.into_iter().map(|(_, i)| i));
+                }
+                Some(Frame::Scanned { through }) => self.position = self.position.max(through),
+                Some(Frame::Truncated {
+                    requested,
+                    earliest,
+                }) => self.pending.push_back(Item::Truncated {
+                    requested,
+                    earliest,
+                }),
+                Some(Frame::Error { code, reason }) => {
+                    return Err(ClientError::Refused { code, reason })
+                }
+                Some(other) => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected {}",
+                        other.kind()
+                    )))
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Acknowledges everything through `node_seq` (for a durable consumer: where it resumes).
+    pub async fn ack(&mut self, node_seq: u64) -> Result<(), ClientError> {
+        write_frame(&mut self.send, &Frame::ConsumerAck { through: node_seq }).await?;
+        Ok(())
+    }
+}
