@@ -45,6 +45,33 @@ enum Command {
         #[arg(long)]
         print_default_config: bool,
     },
+    /// Subscribe to a node and print events (replay and live).
+    Sub {
+        /// The client config (client.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// MQTT filter; repeat for several.
+        #[arg(long = "filter", required = true)]
+        filters: Vec<String>,
+        /// earliest, latest, seq:N (node seq) or time:RFC3339 (ingest time).
+        #[arg(long, default_value = "latest")]
+        from: String,
+        /// A durable consumer name: resumes after its last ack and ignores --from once it exists.
+        #[arg(long)]
+        durable: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long (for example 30s); non-zero exit if --count was not reached.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+        /// Also print gap and truncation records.
+        #[arg(long)]
+        gaps: bool,
+    },
     /// Simulate devices publishing MQTT telemetry (a load generator for any broker).
     Sim {
         /// The broker to publish to.
@@ -110,6 +137,110 @@ fn wait_for_stop_signal() -> Result<&'static str> {
     rt.block_on(wait_for_signal())
 }
 
+fn parse_start(from: &str) -> Result<telemesh_proto::Start> {
+    use telemesh_proto::Start;
+    Ok(match from {
+        "earliest" => Start::Earliest,
+        "latest" => Start::Latest,
+        _ => {
+            if let Some(n) = from.strip_prefix("seq:") {
+                Start::Seq(
+                    n.parse()
+                        .with_context(|| format!("--from {from}: not a node seq"))?,
+                )
+            } else if let Some(t) = from.strip_prefix("time:") {
+                let at = humantime::parse_rfc3339_weak(t)
+                    .with_context(|| format!("--from {from}: not an RFC 3339 time"))?;
+                let us = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .context("--from: a time before 1970")?
+                    .as_micros() as u64;
+                Start::Time(us)
+            } else {
+                anyhow::bail!("--from {from}: use earliest, latest, seq:N or time:RFC3339")
+            }
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_sub(
+    config: &std::path::Path,
+    filters: Vec<String>,
+    from: &str,
+    durable: Option<String>,
+    count: Option<u64>,
+    timeout: Option<std::time::Duration>,
+    json: bool,
+    gaps: bool,
+) -> Result<()> {
+    use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+    let cfg = ClientConfig::load(config).with_context(|| format!("config {}", config.display()))?;
+    let start = parse_start(from)?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let client = Client::connect(&cfg).await.context("cannot connect")?;
+        let mut opts = SubscribeOptions::new(filters).start(start).gaps(gaps);
+        opts.durable = durable.clone();
+        let mut sub = client.subscribe(opts).await.context("subscription refused")?;
+        let node = cfg.server_name.clone().unwrap_or_else(|| cfg.node.clone());
+        let mut printed = 0u64;
+        let mut last_seq = None;
+        let run = async {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            while count.is_none_or(|c| printed < c) {
+                let Some(item) = sub.next().await? else { break };
+                if !gaps && !matches!(item, Item::Event(_)) {
+                    continue;
+                }
+                if json {
+                    writeln!(out, "{}", item.to_json(&node))?;
+                } else {
+                    match &item {
+                        Item::Event(d) => writeln!(
+                            out,
+                            "{} {}/{}/{} {} {}",
+                            d.node_seq,
+                            d.origin,
+                            d.epoch,
+                            d.event.seq,
+                            d.event.topic,
+                            String::from_utf8_lossy(&d.event.payload)
+                        )?,
+                        other => writeln!(out, "{}", other.to_json(&node))?,
+                    }
+                }
+                if let Item::Event(d) = &item {
+                    printed += 1;
+                    last_seq = Some(d.node_seq);
+                }
+            }
+            out.flush()?;
+            anyhow::Ok(())
+        };
+        let finished = tokio::select! {
+            r = async { match timeout { Some(t) => tokio::time::timeout(t, run).await.ok(), None => Some(run.await) } } => r,
+            _ = wait_for_signal() => None,
+        };
+        if let Some(result) = finished {
+            result?;
+        }
+        // Acknowledge everything printed before leaving.
+        if let (Some(_), Some(seq)) = (&durable, last_seq) {
+            sub.ack(seq).await.context("cannot acknowledge")?;
+        }
+        sub.finish().await.context("cannot end the subscription")?;
+        client.close().await;
+        if let Some(c) = count {
+            if printed < c {
+                anyhow::bail!("only {printed} of {c} events arrived");
+            }
+        }
+        Ok(())
+    })
+}
+
 fn run_node(config: &std::path::Path) -> Result<()> {
     let cfg = telemesh_mesh::config::NodeConfig::load(config)
         .with_context(|| format!("config {}", config.display()))?;
@@ -172,6 +303,16 @@ fn main() -> Result<()> {
             ..
         } => run_edge(&config)?,
         Command::Edge { config: None, .. } => anyhow::bail!("--config is required"),
+        Command::Sub {
+            config,
+            filters,
+            from,
+            durable,
+            count,
+            timeout,
+            json,
+            gaps,
+        } => run_sub(&config, filters, &from, durable, count, timeout, json, gaps)?,
         Command::Sim {
             mqtt,
             devices,

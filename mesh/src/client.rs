@@ -343,9 +343,93 @@ impl Subscription {
         }
     }
 
+    /// Ends the subscription cleanly: returns once the node has processed everything sent
+    /// before (so a last [`Subscription::ack`] is stored).
+    pub async fn finish(mut self) -> Result<(), ClientError> {
+        let _ = self.send.finish();
+        // The node ends its side after the frames before our end; skip what is still coming.
+        while self.reader.next().await?.is_some() {}
+        Ok(())
+    }
+
     /// Acknowledges everything through `node_seq` (for a durable consumer: where it resumes).
     pub async fn ack(&mut self, node_seq: u64) -> Result<(), ClientError> {
         write_frame(&mut self.send, &Frame::ConsumerAck { through: node_seq }).await?;
         Ok(())
+    }
+}
+
+impl Item {
+    /// One JSON object, as `telemesh sub --json` prints it: events with `origin`, `epoch`,
+    /// `seq`, `topic`, `payload` (UTF-8 text, or base64 with `"encoding":"base64"`), `ts_us`
+    /// (edge receive time), `ingest_us`, `node` and `node_seq`, plus `qos` and `headers` when
+    /// present; gaps and truncations with `"type"`.
+    pub fn to_json(&self, node: &str) -> serde_json::Value {
+        use base64::Engine;
+        use serde_json::json;
+        match self {
+            Item::Event(d) => {
+                let e = &d.event;
+                let mut v = json!({
+                    "type": "event",
+                    "origin": d.origin,
+                    "epoch": d.epoch,
+                    "seq": e.seq,
+                    "topic": e.topic,
+                    "ts_us": e.ts_us,
+                    "ingest_us": d.ingest_us,
+                    "qos": e.qos,
+                    "node": node,
+                    "node_seq": d.node_seq,
+                });
+                match std::str::from_utf8(&e.payload) {
+                    Ok(text) => v["payload"] = json!(text),
+                    Err(_) => {
+                        v["payload"] =
+                            json!(base64::engine::general_purpose::STANDARD.encode(&e.payload));
+                        v["encoding"] = json!("base64");
+                    }
+                }
+                if let Some(h) = &e.headers {
+                    v["headers"] = json!({
+                        "user_properties": h.user_properties,
+                        "content_type": h.content_type,
+                        "traceparent": h.traceparent,
+                    });
+                }
+                v
+            }
+            Item::Gap(g) => {
+                let (first, last, after, count) = match g.gap.kind {
+                    telemesh_proto::GapKind::Range { first, last } => {
+                        (Some(first), Some(last), None, Some(last - first + 1))
+                    }
+                    telemesh_proto::GapKind::Unsequenced { after, count } => {
+                        (None, None, Some(after), Some(count))
+                    }
+                };
+                json!({
+                    "type": "gap",
+                    "origin": g.origin,
+                    "epoch": g.epoch,
+                    "first": first,
+                    "last": last,
+                    "after": after,
+                    "count": count,
+                    "reason": g.gap.reason.as_str(),
+                    "node": node,
+                    "node_seq": g.node_seq,
+                })
+            }
+            Item::Truncated {
+                requested,
+                earliest,
+            } => json!({
+                "type": "truncated",
+                "requested": requested,
+                "earliest": earliest,
+                "node": node,
+            }),
+        }
     }
 }
