@@ -72,6 +72,15 @@ enum Command {
         #[arg(long)]
         gaps: bool,
     },
+    /// Completeness per origin (held and known lost seqs) and durable consumers of a node.
+    Status {
+        /// The client config (client.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Simulate devices publishing MQTT telemetry (a load generator for any broker).
     Sim {
         /// The broker to publish to.
@@ -241,6 +250,63 @@ fn run_sub(
     })
 }
 
+fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
+    use telemesh_mesh::client::{Client, ClientConfig};
+    let cfg = ClientConfig::load(config).with_context(|| format!("config {}", config.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let client = Client::connect(&cfg).await.context("cannot connect")?;
+        let status = client.status().await.context("status refused")?;
+        client.close().await;
+        let telemesh_proto::Frame::Status {
+            node_id,
+            committed,
+            origins,
+            consumers,
+        } = status
+        else {
+            anyhow::bail!("unexpected answer")
+        };
+        let ranges = |r: &[(u64, u64)]| -> String {
+            if r.is_empty() {
+                return "-".into();
+            }
+            r.iter()
+                .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if json {
+            let v = serde_json::json!({
+                "node": node_id,
+                "committed": committed,
+                "origins": origins.iter().map(|o| serde_json::json!({
+                    "origin": o.origin, "epoch": o.epoch, "held": o.held, "lost": o.lost,
+                })).collect::<Vec<_>>(),
+                "consumers": consumers.iter().map(|c| serde_json::json!({
+                    "identity": c.identity, "name": c.name, "acked": c.acked, "lag": committed.saturating_sub(c.acked),
+                })).collect::<Vec<_>>(),
+            });
+            println!("{v}");
+        } else {
+            println!("node {node_id}: committed through node seq {committed}");
+            for o in &origins {
+                println!("origin {} epoch {}: held {} lost {}", o.origin, o.epoch, ranges(&o.held), ranges(&o.lost));
+            }
+            for c in &consumers {
+                println!(
+                    "consumer {}/{}: acked {} (lag {})",
+                    c.identity,
+                    c.name,
+                    c.acked,
+                    committed.saturating_sub(c.acked)
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
 fn run_node(config: &std::path::Path) -> Result<()> {
     let cfg = telemesh_mesh::config::NodeConfig::load(config)
         .with_context(|| format!("config {}", config.display()))?;
@@ -313,6 +379,7 @@ fn main() -> Result<()> {
             json,
             gaps,
         } => run_sub(&config, filters, &from, durable, count, timeout, json, gaps)?,
+        Command::Status { config, json } => run_status(&config, json)?,
         Command::Sim {
             mqtt,
             devices,

@@ -148,5 +148,43 @@ async fn sub_prints_json_lines_counts_times_out_and_resumes_a_durable_name() {
     assert!(!ok, "must fail when --count is not reached");
     assert_eq!(lines.len(), 3);
     assert!(err.contains("only 3 of 10"), "{err}");
+
+    // Completeness: what the node holds per origin and epoch, what is known lost, and the
+    // durable consumer's position.
+    let gap = telemesh_proto::Gap {
+        kind: telemesh_proto::GapKind::Range {
+            first: 21,
+            last: 25,
+        },
+        reason: telemesh_proto::GapReason::Evicted,
+        ts_us: 1,
+    };
+    node.log()
+        .ingest("gw-1".into(), 77, vec![], vec![gap])
+        .await
+        .unwrap();
+    let toml = client_toml.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_telemesh"))
+            .args(["status", "--json", "--config"])
+            .arg(&toml)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["node"], "node-a");
+    assert_eq!(v["committed"], 21);
+    assert_eq!(v["origins"][0]["origin"], "gw-1");
+    assert_eq!(v["origins"][0]["held"], serde_json::json!([[1, 20]]));
+    assert_eq!(v["origins"][0]["lost"], serde_json::json!([[21, 25]]));
+    assert_eq!(v["consumers"][0]["name"], "cli");
+    assert_eq!(v["consumers"][0]["acked"], 20);
     node.shutdown().await;
 }

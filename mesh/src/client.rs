@@ -212,8 +212,8 @@ impl Client {
         &self.node_id
     }
 
-    /// Starts a subscription on its own stream.
-    pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
+    /// Opens a stream and says hello as a consumer.
+    async fn open(&self) -> Result<(quinn::SendStream, FrameReader), ClientError> {
         let (mut send, recv) = self
             .conn
             .open_bi()
@@ -232,16 +232,31 @@ impl Client {
         .await?;
         let mut reader = FrameReader::new(recv, 64 << 20);
         match reader.next().await? {
-            Some(Frame::Welcome { .. }) => {}
-            Some(Frame::Reject { code, reason }) => {
-                return Err(ClientError::Refused { code, reason })
-            }
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected welcome, got {other:?}"
-                )))
-            }
+            Some(Frame::Welcome { .. }) => Ok((send, reader)),
+            Some(Frame::Reject { code, reason }) => Err(ClientError::Refused { code, reason }),
+            other => Err(ClientError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            ))),
         }
+    }
+
+    /// The node's completeness view: per origin and epoch, what it holds and knows lost, and
+    /// its durable consumers.
+    pub async fn status(&self) -> Result<Frame, ClientError> {
+        let (mut send, mut reader) = self.open().await?;
+        write_frame(&mut send, &Frame::StatusRequest).await?;
+        match reader.next().await? {
+            Some(f @ Frame::Status { .. }) => Ok(f),
+            Some(Frame::Error { code, reason }) => Err(ClientError::Refused { code, reason }),
+            other => Err(ClientError::Protocol(format!(
+                "expected status, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Starts a subscription on its own stream.
+    pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
+        let (mut send, mut reader) = self.open().await?;
         write_frame(
             &mut send,
             &Frame::Subscribe {

@@ -458,6 +458,71 @@ impl NodeLog {
         Ok(lo)
     }
 
+    /// The completeness view: per (origin, epoch), the seqs held and known lost; and the
+    /// durable consumers with what they acknowledged.
+    pub fn completeness(
+        &self,
+    ) -> Result<
+        (
+            Vec<telemesh_proto::frame::OriginStatus>,
+            Vec<telemesh_proto::frame::ConsumerStatus>,
+        ),
+        LogError,
+    > {
+        use telemesh_proto::frame::{ConsumerStatus, OriginStatus};
+        let rtxn = self.shared.env.read_txn()?;
+        let split = |k: &[u8]| -> Option<(String, u64)> {
+            let at = k.iter().position(|&b| b == 0)?;
+            let mut e = [0u8; 8];
+            e.copy_from_slice(k.get(at + 1..at + 9)?);
+            Some((
+                String::from_utf8_lossy(&k[..at]).into_owned(),
+                u64::from_be_bytes(e),
+            ))
+        };
+        let mut map: std::collections::BTreeMap<(String, u64), OriginStatus> = Default::default();
+        for (db, is_held) in [(self.shared.held, true), (self.shared.lost, false)] {
+            for item in db.iter(&rtxn)? {
+                let (k, v) = item?;
+                let Some((origin, epoch)) = split(k) else {
+                    continue;
+                };
+                let set: RangeSet =
+                    postcard::from_bytes(v).map_err(|e| LogError::Corrupt(e.to_string()))?;
+                let entry = map
+                    .entry((origin.clone(), epoch))
+                    .or_insert_with(|| OriginStatus {
+                        origin,
+                        epoch,
+                        held: Vec::new(),
+                        lost: Vec::new(),
+                    });
+                let ranges: Vec<(u64, u64)> =
+                    set.ranges().map(|r| (*r.start(), *r.end())).collect();
+                if is_held {
+                    entry.held = ranges;
+                } else {
+                    entry.lost = ranges;
+                }
+            }
+        }
+        let mut consumers = Vec::new();
+        for item in self.shared.cursors.iter(&rtxn)? {
+            let (k, v) = item?;
+            let Some(at) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let c: Cursor =
+                postcard::from_bytes(v).map_err(|e| LogError::Corrupt(e.to_string()))?;
+            consumers.push(ConsumerStatus {
+                identity: String::from_utf8_lossy(&k[..at]).into_owned(),
+                name: String::from_utf8_lossy(&k[at + 1..]).into_owned(),
+                acked: c.acked,
+            });
+        }
+        Ok((map.into_values().collect(), consumers))
+    }
+
     /// The seqs held for (origin, epoch).
     pub fn held(&self, origin: &str, epoch: u64) -> Result<RangeSet, LogError> {
         let rtxn = self.shared.env.read_txn()?;

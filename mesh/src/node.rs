@@ -531,13 +531,31 @@ async fn consumer(
     use telemesh_proto::topic::{filter_within, validate_filter};
     use telemesh_proto::Start;
 
+    let first = reader.next().await;
+    if let Ok(Some(Frame::StatusRequest)) = first {
+        let frame = match ctx.log.completeness() {
+            Ok((origins, consumers)) => Frame::Status {
+                node_id: ctx.cfg.node.id.clone(),
+                committed: *ctx.log.committed().borrow(),
+                origins,
+                consumers,
+            },
+            Err(e) => Frame::Error {
+                code: ErrorCode::INTERNAL,
+                reason: e.to_string(),
+            },
+        };
+        let _ = write_frame(&mut send, &frame).await;
+        let _ = send.finish();
+        return;
+    }
     let Ok(Some(Frame::Subscribe {
         filters,
         start,
         durable,
         credit,
         gaps: want_gaps,
-    })) = reader.next().await
+    })) = first
     else {
         ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
         close(

@@ -302,6 +302,43 @@ pub enum Frame {
         /// Why, in words.
         reason: String,
     },
+    /// Asks for the completeness view (instead of subscribing).
+    StatusRequest,
+    /// The completeness view: per origin and epoch, what this node holds and knows lost.
+    Status {
+        /// The node's id.
+        node_id: String,
+        /// The last committed node seq.
+        committed: u64,
+        /// One entry per (origin, epoch).
+        origins: Vec<OriginStatus>,
+        /// Durable consumers and what they acknowledged.
+        consumers: Vec<ConsumerStatus>,
+    },
+}
+
+/// Completeness of one origin's epoch on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginStatus {
+    /// The origin.
+    pub origin: String,
+    /// The epoch.
+    pub epoch: u64,
+    /// Seqs held, as inclusive ranges.
+    pub held: Vec<(u64, u64)>,
+    /// Seqs known lost at the edge (gap records), as inclusive ranges.
+    pub lost: Vec<(u64, u64)>,
+}
+
+/// A durable consumer on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerStatus {
+    /// Its identity.
+    pub identity: String,
+    /// Its name.
+    pub name: String,
+    /// The last node seq it acknowledged.
+    pub acked: u64,
 }
 
 impl Frame {
@@ -322,6 +359,8 @@ impl Frame {
             Frame::Scanned { .. } => "scanned",
             Frame::Truncated { .. } => "truncated",
             Frame::Error { .. } => "error",
+            Frame::StatusRequest => "status_request",
+            Frame::Status { .. } => "status",
         }
     }
 }

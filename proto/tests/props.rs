@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use telemesh_proto::codec::{encode_frame, DecodeError, FrameDecoder, HEADER_LEN};
-use telemesh_proto::frame::{Compression, Delivered, DeliveredGap, Rejection};
+use telemesh_proto::frame::{
+    Compression, ConsumerStatus, Delivered, DeliveredGap, OriginStatus, Rejection,
+};
 use telemesh_proto::{
     ErrorCode, Event, Frame, Gap, GapKind, GapReason, Headers, RangeSet, Role, Start,
 };
@@ -211,6 +213,40 @@ fn frame() -> impl Strategy<Value = Frame> {
             earliest
         }),
         (code(), text()).prop_map(|(code, reason)| Frame::Error { code, reason }),
+        Just(Frame::StatusRequest),
+        (
+            text(),
+            any::<u64>(),
+            vec(
+                (
+                    text(),
+                    any::<u64>(),
+                    vec((any::<u64>(), any::<u64>()), 0..3),
+                    vec((any::<u64>(), any::<u64>()), 0..3)
+                )
+                    .prop_map(|(origin, epoch, held, lost)| OriginStatus {
+                        origin,
+                        epoch,
+                        held,
+                        lost
+                    }),
+                0..3
+            ),
+            vec(
+                (text(), text(), any::<u64>()).prop_map(|(identity, name, acked)| ConsumerStatus {
+                    identity,
+                    name,
+                    acked
+                }),
+                0..2
+            )
+        )
+            .prop_map(|(node_id, committed, origins, consumers)| Frame::Status {
+                node_id,
+                committed,
+                origins,
+                consumers
+            }),
     ]
 }
 
