@@ -17,9 +17,38 @@ use crate::log::Sync;
 pub struct NodeConfig {
     /// The node itself.
     pub node: NodeSection,
+    /// How long and how much the log keeps.
+    #[serde(default)]
+    pub retention: Retention,
     /// Who may do what (default deny).
     #[serde(default)]
     pub access: Vec<Access>,
+}
+
+/// `[retention]`: the log deletes its oldest records in the background, in chunks, never
+/// waiting for consumers; a consumer whose position was deleted is told `truncated`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Records older than this (by ingest time) are deleted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: std::time::Duration,
+    /// The log's records are kept under this size, oldest deleted first (default: 75% of
+    /// `node.map_size`).
+    pub max_bytes: Option<ByteSize>,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: std::time::Duration::from_secs(7 * 24 * 3600),
+            max_bytes: None,
+            interval: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[node]`
@@ -180,6 +209,19 @@ impl NodeConfig {
         if n.max_frame_bytes.as_u64() > u64::from(u32::MAX) {
             return Err(invalid("node.max_frame_bytes", "must be below 4GiB"));
         }
+        if self.retention.interval.is_zero() {
+            return Err(invalid("retention.interval", "must be above 0"));
+        }
+        if self
+            .retention
+            .max_bytes
+            .is_some_and(|b| b.as_u64() > n.map_size.as_u64() / 10 * 8)
+        {
+            return Err(invalid(
+                "retention.max_bytes",
+                "must be at most 80% of node.map_size",
+            ));
+        }
         for (i, a) in self.access.iter().enumerate() {
             for f in a.publish.iter().chain(a.read.iter().flatten()) {
                 validate_filter(f)
@@ -193,6 +235,13 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The retention size limit in force.
+    pub fn retention_max_bytes(&self) -> u64 {
+        self.retention
+            .max_bytes
+            .map_or(self.node.map_size.as_u64() / 4 * 3, |b| b.as_u64())
     }
 
     /// The commented default configuration.
@@ -220,6 +269,11 @@ sync = "always"                    # or "interval", or "none"
 map_size = "64GiB"                 # LMDB map size of the log
 max_event_bytes = "1MiB"           # largest event (topic + payload) stored
 max_frame_bytes = "16MiB"          # largest frame accepted
+
+[retention]
+max_age = "7d"                     # records older than this (ingest time) are deleted
+max_bytes = "50GiB"                # oldest first, to stay under this; at most 80% of map_size
+interval = "1s"                    # how often retention runs (in chunks, never stalling ingest)
 
 # Default deny: every identity needs an entry.
 [[access]]

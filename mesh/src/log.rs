@@ -81,6 +81,8 @@ struct Meta {
     incarnation: u64,
     next_seq: u64,
     last_ingest_us: u64,
+    /// Bytes of the records in `log` (values), for retention by size.
+    bytes: u64,
 }
 
 /// When commits reach the disk.
@@ -159,6 +161,14 @@ enum Cmd {
         key: Vec<u8>,
         cursor: Cursor,
         reply: Option<oneshot::Sender<Result<(), String>>>,
+    },
+    /// Delete the oldest records: those ingested before `min_ingest_us`, and as many more as
+    /// needed to bring the log to `max_bytes`; at most `chunk` records per transaction.
+    Retain {
+        min_ingest_us: u64,
+        max_bytes: u64,
+        chunk: usize,
+        reply: oneshot::Sender<Result<u64, String>>,
     },
     Stop,
 }
@@ -286,6 +296,7 @@ impl NodeLog {
                     incarnation: rand::random::<u64>() >> 11,
                     next_seq: 1,
                     last_ingest_us: 0,
+                    bytes: 0,
                 };
                 shared.meta.put(&mut wtxn, META, &encode(&m))?;
                 m
@@ -420,6 +431,39 @@ impl NodeLog {
                 postcard::from_bytes(b).map_err(|e| LogError::Corrupt(e.to_string()))?,
             )),
             None => Ok(None),
+        }
+    }
+
+    /// Applies retention: deletes records ingested before `min_ingest_us` and, oldest first,
+    /// as many as needed to bring the log to `max_bytes`, in transactions of at most `chunk`
+    /// records (ingest keeps going between them). Returns how many records it deleted. The
+    /// held sets stay, so an event resent after its deletion is still recognised.
+    pub async fn retain(
+        &self,
+        min_ingest_us: u64,
+        max_bytes: u64,
+        chunk: usize,
+    ) -> Result<u64, LogError> {
+        let mut total = 0;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send_async(Cmd::Retain {
+                    min_ingest_us,
+                    max_bytes,
+                    chunk,
+                    reply,
+                })
+                .await
+                .map_err(|_| LogError::Writer("stopped".into()))?;
+            let n = rx
+                .await
+                .map_err(|_| LogError::Writer("stopped".into()))?
+                .map_err(LogError::Writer)?;
+            total += n;
+            if (n as usize) < chunk {
+                return Ok(total);
+            }
         }
     }
 
@@ -591,6 +635,15 @@ impl Writer {
                     replies.push(reply);
                 }
                 Cmd::Cursor { key, cursor, reply } => cursors.push((key, cursor, reply)),
+                Cmd::Retain {
+                    min_ingest_us,
+                    max_bytes,
+                    chunk,
+                    reply,
+                } => {
+                    let r = self.retain(min_ingest_us, max_bytes, chunk);
+                    let _ = reply.send(r);
+                }
                 Cmd::Stop => {}
             }
         }
@@ -670,6 +723,43 @@ impl Writer {
         }
     }
 
+    /// One retention transaction (see [`NodeLog::retain`]).
+    fn retain(&mut self, min_ingest_us: u64, max_bytes: u64, chunk: usize) -> Result<u64, String> {
+        if let Some(f) = &self.failed {
+            return Err(f.clone());
+        }
+        let shared = self.shared.clone();
+        let snapshot = self.meta.clone();
+        let r = (|| -> Result<u64, heed::Error> {
+            let mut wtxn = shared.env.write_txn()?;
+            let mut deleted = 0u64;
+            while (deleted as usize) < chunk {
+                let Some((k, v)) = shared.log.first(&wtxn)? else {
+                    break;
+                };
+                let rec: Option<Record> = postcard::from_bytes(v).ok();
+                let old = rec.as_ref().is_some_and(|r| r.ingest_us() < min_ingest_us);
+                if !old && self.meta.bytes <= max_bytes {
+                    break;
+                }
+                let key = k.to_vec();
+                let len = v.len() as u64;
+                shared.log.delete(&mut wtxn, &key)?;
+                self.meta.bytes = self.meta.bytes.saturating_sub(len);
+                deleted += 1;
+            }
+            if deleted > 0 {
+                shared.meta.put(&mut wtxn, META, &encode(&self.meta))?;
+                wtxn.commit()?;
+            }
+            Ok(deleted)
+        })();
+        r.map_err(|e| {
+            self.meta = snapshot;
+            e.to_string()
+        })
+    }
+
     fn set<'a>(
         cache: &'a mut HashMap<Vec<u8>, RangeSet>,
         db: Db,
@@ -716,7 +806,9 @@ impl Writer {
             };
             let seq = self.meta.next_seq;
             self.meta.next_seq += 1;
-            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &encode(&rec))?;
+            let value = encode(&rec);
+            self.meta.bytes += value.len() as u64;
+            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &value)?;
             out.stored += 1;
         }
         let lost_db = self.shared.lost;
@@ -751,7 +843,9 @@ impl Writer {
             };
             let seq = self.meta.next_seq;
             self.meta.next_seq += 1;
-            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &encode(&rec))?;
+            let value = encode(&rec);
+            self.meta.bytes += value.len() as u64;
+            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &value)?;
             out.gaps += 1;
         }
         Ok(out)

@@ -79,6 +79,7 @@ struct Ctx {
 pub struct Node {
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
+    retention_task: tokio::task::JoinHandle<()>,
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
 }
@@ -137,6 +138,26 @@ impl Node {
             metrics: metrics.clone(),
             active_durables: Default::default(),
         });
+        // Retention in the background: chunks of at most 10,000 records per transaction.
+        let retention = cfg.retention.clone();
+        let retention_bytes = cfg.retention_max_bytes();
+        let rlog = log.clone();
+        let retention_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(retention.interval);
+            loop {
+                tick.tick().await;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0);
+                let min = now.saturating_sub(retention.max_age.as_micros() as u64);
+                match rlog.retain(min, retention_bytes, 10_000).await {
+                    Ok(0) => {}
+                    Ok(n) => debug!(deleted = n, "retention"),
+                    Err(e) => warn!(error = %e, "retention failed"),
+                }
+            }
+        });
         let ep = endpoint.clone();
         let task = tokio::spawn(
             async move {
@@ -163,6 +184,7 @@ impl Node {
         Ok(Node {
             endpoint,
             task,
+            retention_task,
             log,
             metrics,
         })
@@ -193,6 +215,15 @@ impl Node {
         );
         self.endpoint.wait_idle().await;
         self.task.abort();
+        self.retention_task.abort();
+        let _ = self.task.await;
+        let _ = self.retention_task.await;
+        // Connection tasks end as their connections close; the log closes with the last
+        // of them (a node restarted in the same process must find it closed).
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&self.log) > 1 && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -601,6 +632,19 @@ async fn consumer(
     let key = durable
         .as_ref()
         .map(|name| crate::log::cursor_key(&identity, name));
+    let stored = match &key {
+        Some(k) => ctx.log.cursor(k).ok().flatten(),
+        None => None,
+    };
+    if stored.as_ref().is_some_and(|c| c.filters != filters) {
+        return send_error(
+            &mut send,
+            &conn,
+            ErrorCode::DURABLE_FILTERS_DIFFER,
+            "the durable name has other filters".into(),
+        )
+        .await;
+    }
     let mut guard = DurableGuard(&ctx, None);
     if let Some(k) = &key {
         let fresh = ctx
@@ -619,21 +663,8 @@ async fn consumer(
         }
         guard.1 = Some(k.clone());
     }
-    let stored = match &key {
-        Some(k) => ctx.log.cursor(k).ok().flatten(),
-        None => None,
-    };
     let committed_now = *ctx.log.committed().borrow();
     let mut from = match &stored {
-        Some(c) if c.filters != filters => {
-            return send_error(
-                &mut send,
-                &conn,
-                ErrorCode::DURABLE_FILTERS_DIFFER,
-                "the durable name has other filters".into(),
-            )
-            .await;
-        }
         Some(c) => c.acked + 1,
         None => match start {
             Start::Earliest => ctx.log.first_seq().unwrap_or(1),
@@ -693,6 +724,19 @@ async fn consumer(
                     break;
                 }
             };
+            // Retention may have deleted what this subscription had not read yet.
+            if let Some((first, _)) = records.first() {
+                if *first > from {
+                    let t = Frame::Truncated {
+                        requested: from,
+                        earliest: *first,
+                    };
+                    if write_frame(&mut send, &t).await.is_err() {
+                        break;
+                    }
+                    from = *first;
+                }
+            }
             let mut events = Vec::new();
             let mut gap_items = Vec::new();
             let mut through = from - 1;

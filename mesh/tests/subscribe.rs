@@ -194,3 +194,38 @@ async fn reads_outside_the_access_rules_are_refused() {
     client.close().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_before_retention_is_told_truncated_and_continues_at_the_earliest() {
+    let dir = setup();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    node.log()
+        .ingest("gw".into(), 1, events(1, 101), vec![])
+        .await
+        .unwrap();
+    node.log().retain(0, 0, 50).await.unwrap(); // keep nothing…
+    node.log()
+        .ingest("gw".into(), 1, events(101, 111), vec![])
+        .await
+        .unwrap(); // …then 10 more
+    let client = Client::connect(&client_config(dir.path(), &node))
+        .await
+        .unwrap();
+    let mut sub = client
+        .subscribe(SubscribeOptions::new(vec!["site-a/#".into()]).start(Start::Seq(1)))
+        .await
+        .unwrap();
+    match sub.next().await.unwrap().unwrap() {
+        Item::Truncated {
+            requested,
+            earliest,
+        } => assert_eq!((requested, earliest), (1, 101)),
+        other => panic!("expected truncated, got {other:?}"),
+    }
+    match sub.next().await.unwrap().unwrap() {
+        Item::Event(e) => assert!(e.node_seq >= 101),
+        other => panic!("unexpected {other:?}"),
+    }
+    client.close().await;
+    node.shutdown().await;
+}
