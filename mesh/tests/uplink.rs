@@ -289,3 +289,63 @@ async fn refusals_carry_codes() {
     assert!(m.refused.load(std::sync::atomic::Ordering::Relaxed) >= 3);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn malformed_frames_close_that_connection_and_others_keep_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into(), "gw-2".into()],
+        &[],
+    )
+    .unwrap();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    let ca = dir.path().join("certs/ca.pem");
+    let good = dial(dir.path(), "gw-2", &ca, &node).await.unwrap();
+    let (mut good_send, mut good_reader, welcome) = hello(&good, "gw-2").await;
+    assert!(matches!(welcome, Frame::Welcome { .. }));
+
+    let bad = dial(dir.path(), "gw-1", &ca, &node).await.unwrap();
+    let (mut send, _reader, welcome) = hello(&bad, "gw-1").await;
+    assert!(matches!(welcome, Frame::Welcome { .. }));
+    // A length prefix announcing a huge frame, then garbage.
+    send.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
+        .await
+        .unwrap();
+    let reason = bad.closed().await;
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(u32::from(ErrorCode::MALFORMED_FRAME.0))
+            )
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+
+    // The other uplink is unaffected.
+    write_frame(
+        &mut good_send,
+        &Frame::Batch {
+            id: 1,
+            origin: "gw-2".into(),
+            epoch: 1,
+            events: events(1..=10, "site-b/x"),
+            gaps: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        good_reader.next().await.unwrap().unwrap(),
+        Frame::Ack { id: 1, .. }
+    ));
+    assert!(
+        node.metrics()
+            .protocol_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    node.shutdown().await;
+}

@@ -1,0 +1,170 @@
+//! A node process under kill -9: a durable consumer resumes right after its last stored ack,
+//! and the log keeps every event the uplink had acknowledged, once.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use telemesh_edge::buffer::{Buffer, BufferOptions, Incoming, SyncMode};
+use telemesh_edge::uplink::BufferSource;
+use telemesh_edge::EdgeMetrics;
+use telemesh_gateway::{UplinkMetrics, UplinkOptions};
+use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_mesh::pki::write_mesh;
+use telemesh_mesh::tls::{load_roots, Identity};
+use telemesh_proto::forwarder::ForwarderConfig;
+use telemesh_proto::Start;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("certs");
+    write_mesh(
+        &c,
+        &["node-a".into()],
+        &["gw-1".into()],
+        &["analytics".into()],
+    )
+    .unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let node_toml = dir.path().join("node.toml");
+    std::fs::write(
+        &node_toml,
+        format!(
+            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"{port}\"\nca = \"{c}/ca.pem\"\n\
+             cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
+             [[access]]\nidentity = \"gw-1\"\nrole = \"uplink\"\npublish = [\"site/#\"]\n\
+             [[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\nread = [\"site/#\"]\n",
+            d = dir.path().display(),
+            c = c.display()
+        ),
+    )
+    .unwrap();
+    let mut node = spawn_role("node", &node_toml);
+
+    // An uplink feeding 1,000 events.
+    let buffer = Buffer::open(
+        &dir.path().join("edge"),
+        "gw-1",
+        BufferOptions {
+            max_bytes: 8 << 20,
+            map_size: 16 << 20,
+            sync: SyncMode::None,
+            ..BufferOptions::default()
+        },
+        Arc::new(EdgeMetrics::default()),
+    )
+    .unwrap();
+    let h = buffer.handle();
+    for n in 0..1_000u64 {
+        h.append(Incoming {
+            topic: "site/x".into(),
+            payload: n.to_string().into_bytes(),
+            ts_us: n,
+            qos: 1,
+            headers: None,
+        })
+        .unwrap();
+    }
+    let opts = UplinkOptions {
+        nodes: vec![port.to_string()],
+        server_name: Some("node-a".into()),
+        roots: load_roots(&c.join("ca.pem")).unwrap(),
+        forwarder: ForwarderConfig {
+            batch_max_events: 100,
+            ..ForwarderConfig::default()
+        },
+        max_event_bytes: 65_536,
+        backoff_max: Duration::from_millis(100),
+        connect_timeout: Duration::from_millis(500),
+        failback_interval: Duration::from_secs(10),
+    };
+    let identity = Identity::load(&c.join("gw-1.pem"), &c.join("gw-1.key")).unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let up = tokio::spawn(telemesh_gateway::run(
+        "gw-1".into(),
+        opts,
+        identity,
+        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
+        Arc::new(UplinkMetrics::default()),
+        stop_rx,
+    ));
+    let reader = buffer.reader();
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while reader.state().unwrap().events > 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the uplink never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let client_cfg = ClientConfig {
+        node: port.to_string(),
+        server_name: Some("node-a".into()),
+        ca: c.join("ca.pem"),
+        cert: c.join("analytics.pem"),
+        key: c.join("analytics.key"),
+    };
+    let opts = SubscribeOptions::new(vec!["site/#".into()])
+        .start(Start::Earliest)
+        .durable("svc");
+    let client = Client::connect(&client_cfg).await.unwrap();
+    let mut sub = client.subscribe(opts.clone()).await.unwrap();
+    let mut last = 0;
+    for _ in 0..400 {
+        if let Some(Item::Event(e)) = sub.next().await.unwrap() {
+            last = e.node_seq;
+        }
+    }
+    sub.ack(last).await.unwrap();
+    sub.finish().await.unwrap(); // returns once the node has stored the ack
+    node.kill9();
+    client.close().await;
+
+    let mut node = spawn_role("node", &node_toml);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let client = loop {
+        match Client::connect(&client_cfg).await {
+            Ok(c) => break c,
+            Err(_) => {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "the node never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut sub = client.subscribe(opts).await.unwrap();
+    assert_eq!(
+        sub.from,
+        last + 1,
+        "resumes right after the last stored ack"
+    );
+    let mut payloads = Vec::new();
+    while payloads.len() < 600 {
+        if let Some(Item::Event(e)) = sub.next().await.unwrap() {
+            payloads.push(
+                String::from_utf8(e.event.payload)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(
+        payloads,
+        (400..1_000).collect::<Vec<_>>(),
+        "the rest, once, in order"
+    );
+    client.close().await;
+    stop.send(true).unwrap();
+    up.await.unwrap().unwrap();
+    node.sigterm();
+}
