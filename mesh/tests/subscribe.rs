@@ -229,3 +229,51 @@ async fn a_start_before_retention_is_told_truncated_and_continues_at_the_earlies
     client.close().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_grants_no_more_credit_gets_nothing_more() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = setup();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    node.log()
+        .ingest("gw".into(), 1, events(1, 1_001), vec![])
+        .await
+        .unwrap();
+    let client = Client::connect(&client_config(dir.path(), &node))
+        .await
+        .unwrap();
+    let mut slow = SubscribeOptions::new(vec!["site-a/#".into()]).start(Start::Earliest);
+    slow.credit_window = 10;
+    // Taking fewer than half the window grants nothing back.
+    let mut slow_sub = client.subscribe(slow).await.unwrap();
+    for _ in 0..4 {
+        assert!(matches!(
+            slow_sub.next().await.unwrap(),
+            Some(Item::Event(_))
+        ));
+    }
+    // More data arrives; a second consumer reads all of it, so the node has surely had
+    // every chance to push more to the first.
+    node.log()
+        .ingest("gw".into(), 1, events(1_001, 2_001), vec![])
+        .await
+        .unwrap();
+    let want = (1..2_001).filter(|s| s % 3 != 0).count();
+    let mut fast = client
+        .subscribe(SubscribeOptions::new(vec!["site-a/#".into()]).start(Start::Earliest))
+        .await
+        .unwrap();
+    let mut n = 0;
+    while n < want {
+        if let Some(Item::Event(_)) = fast.next().await.unwrap() {
+            n += 1;
+        }
+    }
+    assert_eq!(
+        node.metrics().delivered.load(Relaxed),
+        10 + want as u64,
+        "the slow consumer got exactly its credit, no more"
+    );
+    client.close().await;
+    node.shutdown().await;
+}
