@@ -263,6 +263,7 @@ fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
             committed,
             origins,
             consumers,
+            dead_letters,
         } = status
         else {
             anyhow::bail!("unexpected answer")
@@ -282,6 +283,11 @@ fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
                 "committed": committed,
                 "origins": origins.iter().map(|o| serde_json::json!({
                     "origin": o.origin, "epoch": o.epoch, "held": o.held, "lost": o.lost,
+                    "rejected": o.rejected,
+                })).collect::<Vec<_>>(),
+                "dead_letters": dead_letters.iter().map(|d| serde_json::json!({
+                    "origin": d.origin, "epoch": d.epoch, "seq": d.seq, "topic": d.topic,
+                    "code": d.code.0, "error": d.code.name(), "reason": d.reason, "ts_us": d.ts_us,
                 })).collect::<Vec<_>>(),
                 "consumers": consumers.iter().map(|c| serde_json::json!({
                     "identity": c.identity, "name": c.name, "acked": c.acked, "lag": committed.saturating_sub(c.acked),
@@ -291,7 +297,20 @@ fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
         } else {
             println!("node {node_id}: committed through node seq {committed}");
             for o in &origins {
-                println!("origin {} epoch {}: held {} lost {}", o.origin, o.epoch, ranges(&o.held), ranges(&o.lost));
+                println!(
+                    "origin {} epoch {}: held {} lost {} rejected {}",
+                    o.origin,
+                    o.epoch,
+                    ranges(&o.held),
+                    ranges(&o.lost),
+                    ranges(&o.rejected)
+                );
+            }
+            for d in &dead_letters {
+                println!(
+                    "dead letter {}/{}/{} {:?}: {} ({})",
+                    d.origin, d.epoch, d.seq, d.topic, d.code, d.reason
+                );
             }
             for c in &consumers {
                 println!(

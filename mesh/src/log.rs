@@ -29,6 +29,7 @@ use std::time::Instant;
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RwTxn, WithoutTls};
 use serde::{Deserialize, Serialize};
+use telemesh_proto::frame::DeadLetter;
 use telemesh_proto::{Event, Gap, GapKind, RangeSet};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
@@ -83,6 +84,8 @@ struct Meta {
     last_ingest_us: u64,
     /// Bytes of the records in `log` (values), for retention by size.
     bytes: u64,
+    /// The next dead letter's number.
+    next_dead: u64,
 }
 
 /// When commits reach the disk.
@@ -146,7 +149,14 @@ struct Shared {
     gapseen: Db,
     meta: Db,
     cursors: Db,
+    /// Dead letters: counter (u64 BE) → postcard [`DeadLetter`]; at most [`MAX_DEAD_LETTERS`].
+    dead: Db,
+    /// `origin ‖ 0 ‖ epoch` → [`RangeSet`] of seqs refused.
+    rejected: Db,
 }
+
+/// How many refused events the dead-letter store keeps (the oldest go first).
+pub const MAX_DEAD_LETTERS: u64 = 10_000;
 
 enum Cmd {
     Ingest {
@@ -154,6 +164,7 @@ enum Cmd {
         epoch: u64,
         events: Vec<Event>,
         gaps: Vec<Gap>,
+        rejected: Vec<DeadLetter>,
         reply: oneshot::Sender<Result<IngestOutcome, String>>,
     },
     /// Store a durable consumer's cursor (batched into the next commit).
@@ -171,6 +182,17 @@ enum Cmd {
         reply: oneshot::Sender<Result<u64, String>>,
     },
     Stop,
+}
+
+/// The completeness view of a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completeness {
+    /// Per (origin, epoch): held, lost and rejected seqs.
+    pub origins: Vec<telemesh_proto::frame::OriginStatus>,
+    /// Durable consumers.
+    pub consumers: Vec<telemesh_proto::frame::ConsumerStatus>,
+    /// The newest dead letters (at most 100).
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 /// A durable consumer's state: its filters and what it acknowledged.
@@ -248,7 +270,7 @@ impl NodeLog {
         // SAFETY: the node's own directory, opened once per process.
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (log, held, lost, gapseen, meta, cursors) = env
+        let (log, held, lost, gapseen, meta, cursors, dead, rejected) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("log"))?,
@@ -257,6 +279,8 @@ impl NodeLog {
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("gapseen"))?,
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("meta"))?,
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("cursors"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("dead"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("rejected"))?,
                 )))
             })?
             .unwrap_commit();
@@ -268,6 +292,8 @@ impl NodeLog {
             gapseen,
             meta,
             cursors,
+            dead,
+            rejected,
         });
         let mut wtxn = shared.env.write_txn()?;
         let meta = match shared.meta.get(&wtxn, META)? {
@@ -297,6 +323,7 @@ impl NodeLog {
                     next_seq: 1,
                     last_ingest_us: 0,
                     bytes: 0,
+                    next_dead: 1,
                 };
                 shared.meta.put(&mut wtxn, META, &encode(&m))?;
                 m
@@ -352,18 +379,20 @@ impl NodeLog {
         events: Vec<Event>,
         gaps: Vec<Gap>,
     ) -> Result<IngestOutcome, LogError> {
-        let rx = self.submit(origin, epoch, events, gaps).await?;
+        let rx = self.submit(origin, epoch, events, gaps, Vec::new()).await?;
         wait_commit(rx).await
     }
 
     /// Queues a batch for the writer (in call order) and returns where its outcome will be
-    /// reported once committed; see [`wait_commit`].
+    /// reported once committed; see [`wait_commit`]. `rejected` are the batch's events the
+    /// node refused on their own: they go to the dead-letter store in the same transaction.
     pub async fn submit(
         &self,
         origin: String,
         epoch: u64,
         events: Vec<Event>,
         gaps: Vec<Gap>,
+        rejected: Vec<DeadLetter>,
     ) -> Result<Pending, LogError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -372,6 +401,7 @@ impl NodeLog {
                 epoch,
                 events,
                 gaps,
+                rejected,
                 reply,
             })
             .await
@@ -504,15 +534,7 @@ impl NodeLog {
 
     /// The completeness view: per (origin, epoch), the seqs held and known lost; and the
     /// durable consumers with what they acknowledged.
-    pub fn completeness(
-        &self,
-    ) -> Result<
-        (
-            Vec<telemesh_proto::frame::OriginStatus>,
-            Vec<telemesh_proto::frame::ConsumerStatus>,
-        ),
-        LogError,
-    > {
+    pub fn completeness(&self) -> Result<Completeness, LogError> {
         use telemesh_proto::frame::{ConsumerStatus, OriginStatus};
         let rtxn = self.shared.env.read_txn()?;
         let split = |k: &[u8]| -> Option<(String, u64)> {
@@ -525,7 +547,11 @@ impl NodeLog {
             ))
         };
         let mut map: std::collections::BTreeMap<(String, u64), OriginStatus> = Default::default();
-        for (db, is_held) in [(self.shared.held, true), (self.shared.lost, false)] {
+        for (db, which) in [
+            (self.shared.held, 0),
+            (self.shared.lost, 1),
+            (self.shared.rejected, 2),
+        ] {
             for item in db.iter(&rtxn)? {
                 let (k, v) = item?;
                 let Some((origin, epoch)) = split(k) else {
@@ -540,13 +566,14 @@ impl NodeLog {
                         epoch,
                         held: Vec::new(),
                         lost: Vec::new(),
+                        rejected: Vec::new(),
                     });
                 let ranges: Vec<(u64, u64)> =
                     set.ranges().map(|r| (*r.start(), *r.end())).collect();
-                if is_held {
-                    entry.held = ranges;
-                } else {
-                    entry.lost = ranges;
+                match which {
+                    0 => entry.held = ranges,
+                    1 => entry.lost = ranges,
+                    _ => entry.rejected = ranges,
                 }
             }
         }
@@ -564,7 +591,18 @@ impl NodeLog {
                 acked: c.acked,
             });
         }
-        Ok((map.into_values().collect(), consumers))
+        let mut dead_letters = Vec::new();
+        for item in self.shared.dead.rev_iter(&rtxn)?.take(100) {
+            let (_, v) = item?;
+            dead_letters
+                .push(postcard::from_bytes(v).map_err(|e| LogError::Corrupt(e.to_string()))?);
+        }
+        dead_letters.reverse();
+        Ok(Completeness {
+            origins: map.into_values().collect(),
+            consumers,
+            dead_letters,
+        })
     }
 
     /// The seqs held for (origin, epoch).
@@ -629,9 +667,10 @@ impl Writer {
                     epoch,
                     events,
                     gaps,
+                    rejected,
                     reply,
                 } => {
-                    batches.push((origin, epoch, events, gaps));
+                    batches.push((origin, epoch, events, gaps, rejected));
                     replies.push(reply);
                 }
                 Cmd::Cursor { key, cursor, reply } => cursors.push((key, cursor, reply)),
@@ -667,8 +706,9 @@ impl Writer {
         let result = (|| -> Result<Vec<IngestOutcome>, heed::Error> {
             let mut wtxn = shared.env.write_txn()?;
             let mut outcomes = Vec::new();
-            for (origin, epoch, events, gaps) in &batches {
+            for (origin, epoch, events, gaps, rejected) in &batches {
                 outcomes.push(self.apply(&mut wtxn, origin, *epoch, events, gaps, &mut dirty)?);
+                self.dead_letters(&mut wtxn, origin, *epoch, rejected)?;
             }
             for (key, cursor, _) in &cursors {
                 shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
@@ -758,6 +798,36 @@ impl Writer {
             self.meta = snapshot;
             e.to_string()
         })
+    }
+
+    /// Stores refused events in the bounded dead-letter store and the rejected range sets.
+    fn dead_letters(
+        &mut self,
+        wtxn: &mut RwTxn,
+        origin: &str,
+        epoch: u64,
+        rejected: &[DeadLetter],
+    ) -> Result<(), heed::Error> {
+        if rejected.is_empty() {
+            return Ok(());
+        }
+        let key = origin_key(origin, epoch);
+        let mut set: RangeSet = match self.shared.rejected.get(wtxn, &key)? {
+            Some(b) => postcard::from_bytes(b).unwrap_or_default(),
+            None => RangeSet::new(),
+        };
+        for d in rejected {
+            set.insert(d.seq);
+            let n = self.meta.next_dead;
+            self.meta.next_dead += 1;
+            self.shared.dead.put(wtxn, &n.to_be_bytes(), &encode(d))?;
+            if n > MAX_DEAD_LETTERS {
+                self.shared
+                    .dead
+                    .delete(wtxn, &(n - MAX_DEAD_LETTERS).to_be_bytes())?;
+            }
+        }
+        self.shared.rejected.put(wtxn, &key, &encode(&set))
     }
 
     fn set<'a>(

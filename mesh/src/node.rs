@@ -425,6 +425,7 @@ async fn uplink(
             continue;
         }
         let mut rejected = Vec::new();
+        let mut refused_topics = std::collections::HashMap::new();
         let mut accepted = Vec::with_capacity(events.len());
         for ev in events {
             let refusal = if let Err(e) = validate_topic_name(&ev.topic) {
@@ -448,6 +449,7 @@ async fn uplink(
             match refusal {
                 Some((code, reason)) => {
                     warn!(seq = ev.seq, %code, %reason, "event refused");
+                    refused_topics.insert(ev.seq, ev.topic.clone());
                     rejected.push(Rejection {
                         seq: ev.seq,
                         code,
@@ -460,7 +462,23 @@ async fn uplink(
         ctx.metrics
             .events_rejected
             .fetch_add(rejected.len() as u64, Relaxed);
-        match ctx.log.submit(origin, epoch, accepted, gaps).await {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let dead: Vec<telemesh_proto::frame::DeadLetter> = rejected
+            .iter()
+            .map(|r| telemesh_proto::frame::DeadLetter {
+                origin: origin.clone(),
+                epoch,
+                seq: r.seq,
+                topic: refused_topics.get(&r.seq).cloned().unwrap_or_default(),
+                code: r.code,
+                reason: r.reason.clone(),
+                ts_us: now_us,
+            })
+            .collect();
+        match ctx.log.submit(origin, epoch, accepted, gaps, dead).await {
             Ok(pending) => {
                 if tx
                     .send(AckItem::Pending(id, rejected, pending))
@@ -565,11 +583,12 @@ async fn consumer(
     let first = reader.next().await;
     if let Ok(Some(Frame::StatusRequest)) = first {
         let frame = match ctx.log.completeness() {
-            Ok((origins, consumers)) => Frame::Status {
+            Ok(c) => Frame::Status {
                 node_id: ctx.cfg.node.id.clone(),
                 committed: *ctx.log.committed().borrow(),
-                origins,
-                consumers,
+                origins: c.origins,
+                consumers: c.consumers,
+                dead_letters: c.dead_letters,
             },
             Err(e) => Frame::Error {
                 code: ErrorCode::INTERNAL,

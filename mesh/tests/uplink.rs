@@ -208,6 +208,14 @@ async fn batches_are_acked_after_commit_deduped_and_poison_pills_refused_alone()
         seqs, want,
         "each event once, in order; the poison pill alone refused"
     );
+    // The poison pill is in the dead-letter store and the completeness view.
+    let c = node.log().completeness().unwrap();
+    let origin = c.origins.iter().find(|o| o.origin == "gw-1").unwrap();
+    assert_eq!(origin.rejected, vec![(1_002, 1_002)]);
+    assert_eq!(origin.held, vec![(1, 1_001), (1_003, 1_003)]);
+    assert_eq!(c.dead_letters.len(), 1);
+    assert_eq!(c.dead_letters[0].topic, "site-b/not/mine");
+    assert_eq!(c.dead_letters[0].code, ErrorCode::PUBLISH_DENIED);
     let m = node.metrics();
     assert_eq!(m.duplicates.load(std::sync::atomic::Ordering::Relaxed), 100);
     assert_eq!(

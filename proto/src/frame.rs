@@ -314,6 +314,8 @@ pub enum Frame {
         origins: Vec<OriginStatus>,
         /// Durable consumers and what they acknowledged.
         consumers: Vec<ConsumerStatus>,
+        /// The most recent refused events (the dead-letter store's newest entries).
+        dead_letters: Vec<DeadLetter>,
     },
 }
 
@@ -328,6 +330,27 @@ pub struct OriginStatus {
     pub held: Vec<(u64, u64)>,
     /// Seqs known lost at the edge (gap records), as inclusive ranges.
     pub lost: Vec<(u64, u64)>,
+    /// Seqs this node refused (poison pills), as inclusive ranges.
+    pub rejected: Vec<(u64, u64)>,
+}
+
+/// An event a node refused on its own, kept in its bounded dead-letter store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The origin.
+    pub origin: String,
+    /// The epoch.
+    pub epoch: u64,
+    /// The seq.
+    pub seq: u64,
+    /// The event's topic.
+    pub topic: String,
+    /// Why, as a stable code.
+    pub code: ErrorCode,
+    /// Why, in words.
+    pub reason: String,
+    /// When the node refused it (µs since the Unix epoch).
+    pub ts_us: u64,
 }
 
 /// A durable consumer on a node.

@@ -7,7 +7,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use telemesh_proto::codec::{encode_frame, DecodeError, FrameDecoder, HEADER_LEN};
 use telemesh_proto::frame::{
-    Compression, ConsumerStatus, Delivered, DeliveredGap, OriginStatus, Rejection,
+    Compression, ConsumerStatus, DeadLetter, Delivered, DeliveredGap, OriginStatus, Rejection,
 };
 use telemesh_proto::{
     ErrorCode, Event, Frame, Gap, GapKind, GapReason, Headers, RangeSet, Role, Start,
@@ -227,6 +227,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                     .prop_map(|(origin, epoch, held, lost)| OriginStatus {
                         origin,
                         epoch,
+                        rejected: lost.clone(),
                         held,
                         lost
                     }),
@@ -245,7 +246,16 @@ fn frame() -> impl Strategy<Value = Frame> {
                 node_id,
                 committed,
                 origins,
-                consumers
+                consumers,
+                dead_letters: vec![DeadLetter {
+                    origin: "gw".into(),
+                    epoch: committed,
+                    seq: 3,
+                    topic: "t/+".into(),
+                    code: ErrorCode::INVALID_TOPIC,
+                    reason: "wildcard".into(),
+                    ts_us: 9,
+                }],
             }),
     ]
 }
