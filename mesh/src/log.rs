@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use telemesh_proto::frame::DeadLetter;
 use telemesh_proto::{Event, Gap, GapKind, RangeSet};
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 type Db = Database<'static, Bytes, Bytes>;
 
@@ -110,6 +110,9 @@ pub struct IngestOutcome {
     /// Gap records newly stored.
     pub gaps: u64,
 }
+
+/// The writer's answer when the LMDB map is full (nothing of the group was written).
+pub const STORAGE_FULL: &str = "log full";
 
 /// A submitted batch's outcome, reported after its commit.
 pub type Pending = oneshot::Receiver<Result<IngestOutcome, String>>;
@@ -748,9 +751,17 @@ impl Writer {
                     self.lost.remove(k);
                 }
                 self.meta = snapshot;
-                let why = e.to_string();
-                error!(error = %why, "log commit failed: the writer stops writing");
-                self.failed = Some(why.clone());
+                let full = matches!(e, heed::Error::Mdb(heed::MdbError::MapFull));
+                let why = if full {
+                    // Nothing was written; retention (or a larger map) makes room again.
+                    warn!("log full: batches are refused until retention frees room");
+                    STORAGE_FULL.to_owned()
+                } else {
+                    let why = e.to_string();
+                    error!(error = %why, "log commit failed: the writer stops writing");
+                    self.failed = Some(why.clone());
+                    why
+                };
                 for r in replies {
                     let _ = r.send(Err(why.clone()));
                 }

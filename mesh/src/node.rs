@@ -519,9 +519,10 @@ async fn acker(
                 }
                 Err(e) => {
                     metrics.batches_refused.fetch_add(1, Relaxed);
+                    let full = matches!(&e, crate::log::LogError::Writer(w) if w == crate::log::STORAGE_FULL);
                     Frame::BatchRefused {
                         id,
-                        code: ErrorCode::STORAGE_FAILED,
+                        code: if full { ErrorCode::STORAGE_FULL } else { ErrorCode::STORAGE_FAILED },
                         reason: e.to_string(),
                     }
                 }
