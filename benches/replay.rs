@@ -1,6 +1,7 @@
 //! Replay from a node to one consumer using the client library and discarding the events:
 //! N stored 100-byte events read from the start, all of them and then with a filter that
-//! matches 1% of them. `cargo bench --bench replay` stores 2,000,000; under `cargo test`, 5,000.
+//! matches 1% of them. `cargo bench --bench replay` stores 2,000,000 (`REPLAY_EVENTS=N` for
+//! another count); under `cargo test`, 5,000.
 
 use std::time::Instant;
 
@@ -12,7 +13,10 @@ use telemesh_proto::{Event, Start};
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let n: u64 = if full { 2_000_000 } else { 5_000 };
+    let n: u64 = std::env::var("REPLAY_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 2_000_000 } else { 5_000 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -522,7 +522,11 @@ async fn acker(
                     let full = matches!(&e, crate::log::LogError::Writer(w) if w == crate::log::STORAGE_FULL);
                     Frame::BatchRefused {
                         id,
-                        code: if full { ErrorCode::STORAGE_FULL } else { ErrorCode::STORAGE_FAILED },
+                        code: if full {
+                            ErrorCode::STORAGE_FULL
+                        } else {
+                            ErrorCode::STORAGE_FAILED
+                        },
                         reason: e.to_string(),
                     }
                 }

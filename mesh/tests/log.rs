@@ -153,7 +153,10 @@ async fn a_full_map_refuses_batches_cleanly_and_retention_makes_room_again() {
     let mut seq = 1u64;
     let err = loop {
         let batch: Vec<Event> = (seq..seq + 100)
-            .map(|s| Event { payload: vec![b'x'; 200], ..ev(s) })
+            .map(|s| Event {
+                payload: vec![b'x'; 200],
+                ..ev(s)
+            })
             .collect();
         match log.ingest("gw".into(), 1, batch, vec![]).await {
             Ok(_) => seq += 100,
@@ -161,11 +164,17 @@ async fn a_full_map_refuses_batches_cleanly_and_retention_makes_room_again() {
         }
         assert!(seq < 1_000_000, "the map never filled");
     };
-    assert!(err.to_string().contains(telemesh_mesh::log::STORAGE_FULL), "{err}");
+    assert!(
+        err.to_string().contains(telemesh_mesh::log::STORAGE_FULL),
+        "{err}"
+    );
     let stored = log.read(1, usize::MAX).unwrap().len() as u64;
     assert_eq!(stored, seq - 1, "the refused batch left nothing behind");
     // Reads keep working, retention frees room, and ingest works again.
     assert!(log.retain(u64::MAX, u64::MAX, 1_000).await.unwrap() > 0);
-    let o = log.ingest("gw".into(), 1, (seq..seq + 10).map(ev).collect(), vec![]).await.unwrap();
+    let o = log
+        .ingest("gw".into(), 1, (seq..seq + 10).map(ev).collect(), vec![])
+        .await
+        .unwrap();
     assert_eq!(o.stored, 10);
 }

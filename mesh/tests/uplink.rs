@@ -32,6 +32,9 @@ publish = ["site-a/#"]
 identity = "gw-2"
 role = "uplink"
 publish = ["site-b/#"]
+[[access]]
+identity = "analytics"
+role = "consumer"
 "#,
         d = dir.display(),
         c = c.display()
@@ -355,5 +358,86 @@ async fn malformed_frames_close_that_connection_and_others_keep_being_served() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uplinks_and_consumers_each_see_everything_once_in_order() {
+    use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into(), "gw-2".into()],
+        &["analytics".into()],
+    )
+    .unwrap();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    let ca = dir.path().join("certs/ca.pem");
+    let c = dir.path().join("certs");
+    let client_cfg = ClientConfig {
+        node: node.local_addr().to_string(),
+        server_name: Some("node-a".into()),
+        ca: c.join("ca.pem"),
+        cert: c.join("analytics.pem"),
+        key: c.join("analytics.key"),
+    };
+    // Two consumers from the start, reading while the uplinks write.
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let cfg = client_cfg.clone();
+        consumers.push(tokio::spawn(async move {
+            let client = Client::connect(&cfg).await.unwrap();
+            let mut sub = client
+                .subscribe(
+                    SubscribeOptions::new(vec!["#".into()]).start(telemesh_proto::Start::Earliest),
+                )
+                .await
+                .unwrap();
+            let mut seen: std::collections::HashMap<String, Vec<u64>> = Default::default();
+            let mut n = 0;
+            while n < 2_000 {
+                if let Some(Item::Event(e)) = sub.next().await.unwrap() {
+                    seen.entry(e.origin).or_default().push(e.event.seq);
+                    n += 1;
+                }
+            }
+            client.close().await;
+            seen
+        }));
+    }
+    let mut uplinks = Vec::new();
+    for (gw, topic) in [("gw-1", "site-a/x"), ("gw-2", "site-b/y")] {
+        let conn = dial(dir.path(), gw, &ca, &node).await.unwrap();
+        uplinks.push(tokio::spawn(async move {
+            let (mut send, mut reader, _) = hello(&conn, gw).await;
+            for b in 0..20u64 {
+                let frame = Frame::Batch {
+                    id: b + 1,
+                    origin: gw.into(),
+                    epoch: 5,
+                    events: events(b * 50 + 1..=b * 50 + 50, topic),
+                    gaps: vec![],
+                };
+                write_frame(&mut send, &frame).await.unwrap();
+            }
+            for want in 1..=20u64 {
+                assert!(matches!(reader.next().await.unwrap().unwrap(), Frame::Ack { id, .. } if id == want));
+            }
+        }));
+    }
+    for u in uplinks {
+        u.await.unwrap();
+    }
+    for c in consumers {
+        let seen = c.await.unwrap();
+        for gw in ["gw-1", "gw-2"] {
+            assert_eq!(
+                seen[gw],
+                (1..=1_000).collect::<Vec<_>>(),
+                "{gw}: once each, in order"
+            );
+        }
+    }
     node.shutdown().await;
 }
