@@ -23,6 +23,16 @@ pub struct NodeConfig {
     /// Who may do what (default deny).
     #[serde(default)]
     pub access: Vec<Access>,
+    /// `GET /metrics` and `GET /healthz` (optional).
+    pub metrics: Option<MetricsSection>,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// TCP address for HTTP.
+    pub listen: SocketAddr,
 }
 
 /// `[retention]`: the log deletes its oldest records in the background, in chunks, never
@@ -274,6 +284,9 @@ max_frame_bytes = "16MiB"          # largest frame accepted
 max_age = "7d"                     # records older than this (ingest time) are deleted
 max_bytes = "50GiB"                # oldest first, to stay under this; at most 80% of map_size
 interval = "1s"                    # how often retention runs (in chunks, never stalling ingest)
+
+[metrics]
+listen = "127.0.0.1:9402"          # GET /metrics (Prometheus text), GET /healthz
 
 # Default deny: every identity needs an entry.
 [[access]]

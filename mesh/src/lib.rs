@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod log;
+pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod tls;

@@ -219,6 +219,8 @@ pub fn cursor_key(identity: &str, name: &str) -> Vec<u8> {
 /// The node's log: ingest through [`NodeLog::ingest`], read through [`NodeLog::read`], follow
 /// commits through [`NodeLog::committed`].
 pub struct NodeLog {
+    /// Why the writer stopped, if it did.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     shared: Arc<Shared>,
     tx: flume::Sender<Cmd>,
     writer: Option<JoinHandle<()>>,
@@ -339,6 +341,8 @@ impl NodeLog {
         info!(node_id, incarnation, next_seq = meta.next_seq, "log open");
         let (tx, rx) = flume::bounded(4096);
         let ws = shared.clone();
+        let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let wf = failure.clone();
         let writer = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || {
@@ -348,6 +352,7 @@ impl NodeLog {
                     held: HashMap::new(),
                     lost: HashMap::new(),
                     failed: None,
+                    failure: wf,
                     committed: committed_tx,
                     sync,
                     last_sync: Instant::now(),
@@ -355,6 +360,7 @@ impl NodeLog {
                 .run(rx)
             })?;
         Ok(NodeLog {
+            failure,
             shared,
             tx,
             writer: Some(writer),
@@ -362,6 +368,11 @@ impl NodeLog {
             node_id: node_id.to_owned(),
             incarnation,
         })
+    }
+
+    /// Why the writer stopped writing, if it did (for `/healthz`).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().map(|f| f.clone()).unwrap_or(None)
     }
 
     /// The node's id.
@@ -635,6 +646,7 @@ struct Writer {
     held: HashMap<Vec<u8>, RangeSet>,
     lost: HashMap<Vec<u8>, RangeSet>,
     failed: Option<String>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     committed: watch::Sender<u64>,
     sync: Sync,
     last_sync: Instant,
@@ -760,6 +772,9 @@ impl Writer {
                     let why = e.to_string();
                     error!(error = %why, "log commit failed: the writer stops writing");
                     self.failed = Some(why.clone());
+                    if let Ok(mut f) = self.failure.lock() {
+                        *f = Some(why.clone());
+                    }
                     why
                 };
                 for r in replies {

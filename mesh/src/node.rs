@@ -80,6 +80,7 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
     retention_task: tokio::task::JoinHandle<()>,
+    metrics_http: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
 }
@@ -158,6 +159,17 @@ impl Node {
                 }
             }
         });
+        let metrics_http = match &cfg.metrics {
+            Some(m) => Some(
+                crate::metrics::serve(m.listen, log.clone(), metrics.clone())
+                    .await
+                    .map_err(|source| NodeError::Bind {
+                        addr: m.listen,
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let ep = endpoint.clone();
         let task = tokio::spawn(
             async move {
@@ -185,6 +197,7 @@ impl Node {
             endpoint,
             task,
             retention_task,
+            metrics_http,
             log,
             metrics,
         })
@@ -195,6 +208,11 @@ impl Node {
         self.endpoint
             .local_addr()
             .expect("a bound endpoint has an address")
+    }
+
+    /// Where `/metrics` and `/healthz` are served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_http.as_ref().map(|(a, _)| *a)
     }
 
     /// The node's log.
@@ -218,6 +236,10 @@ impl Node {
         self.retention_task.abort();
         let _ = self.task.await;
         let _ = self.retention_task.await;
+        if let Some((_, http)) = self.metrics_http {
+            http.abort();
+            let _ = http.await;
+        }
         // Connection tasks end as their connections close; the log closes with the last
         // of them (a node restarted in the same process must find it closed).
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);

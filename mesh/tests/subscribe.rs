@@ -277,3 +277,78 @@ async fn a_consumer_that_grants_no_more_credit_gets_nothing_more() {
     client.close().await;
     node.shutdown().await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_completeness_and_consumer_lag_and_healthz_answers() {
+    let dir = setup();
+    let mut cfg = node_config(dir.path());
+    cfg.metrics = Some(telemesh_mesh::config::MetricsSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+    });
+    let node = Node::start(cfg).await.unwrap();
+    let gap = telemesh_proto::Gap {
+        kind: telemesh_proto::GapKind::Range {
+            first: 31,
+            last: 40,
+        },
+        reason: telemesh_proto::GapReason::Overrun,
+        ts_us: 1,
+    };
+    node.log()
+        .ingest("gw".into(), 4, events(1, 31), vec![gap])
+        .await
+        .unwrap();
+    let client = Client::connect(&client_config(dir.path(), &node))
+        .await
+        .unwrap();
+    let mut sub = client
+        .subscribe(
+            SubscribeOptions::new(vec!["site-a/#".into()])
+                .start(Start::Earliest)
+                .durable("m"),
+        )
+        .await
+        .unwrap();
+    if let Some(Item::Event(e)) = sub.next().await.unwrap() {
+        sub.ack(e.node_seq).await.unwrap();
+    }
+    sub.finish().await.unwrap();
+    let addr = node.metrics_addr().unwrap();
+    let text = http_get(addr, "/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for line in [
+        "telemesh_node_committed_seq 31",
+        "telemesh_origin_held_events{origin=\"gw\",epoch=\"4\"} 30",
+        "telemesh_origin_lost_events{origin=\"gw\",epoch=\"4\"} 10",
+        "telemesh_consumer_lag_events{identity=\"analytics\",name=\"m\"} 30",
+        "# TYPE telemesh_node_delivered counter",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    // Every sample line parses as `name{labels} value`.
+    for l in text.lines().skip_while(|l| !l.is_empty()).skip(1) {
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let value = l.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample: {l:?}");
+    }
+    let health = http_get(addr, "/healthz").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok"),
+        "{health}"
+    );
+    client.close().await;
+    node.shutdown().await;
+}

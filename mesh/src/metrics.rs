@@ -1,0 +1,211 @@
+//! `GET /metrics` (Prometheus text, through prometheus-client) and `GET /healthz` for a node.
+//!
+//! The collector reads the node's counters and the log's completeness view at scrape time:
+//! per origin and epoch the events held, known lost and refused, and each durable consumer's
+//! lag in node seqs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::log::NodeLog;
+use crate::node::NodeMetrics;
+
+#[derive(Debug)]
+struct NodeCollector {
+    log: Arc<NodeLog>,
+    metrics: Arc<NodeMetrics>,
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(m)
+}
+
+fn count(ranges: &[(u64, u64)]) -> i64 {
+    ranges.iter().map(|(a, b)| (b - a + 1) as i64).sum()
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.metrics;
+        counter(
+            &mut enc,
+            "telemesh_node_connections",
+            "Connections accepted",
+            m.connections.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_refused",
+            "Connections refused (TLS or hello)",
+            m.refused.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_batches_acked",
+            "Uplink batches acknowledged",
+            m.batches_acked.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_batches_refused",
+            "Uplink batches refused",
+            m.batches_refused.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_events_stored",
+            "Events stored",
+            m.events_stored.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_duplicates",
+            "Events dropped as duplicates",
+            m.duplicates.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_events_rejected",
+            "Events refused on their own",
+            m.events_rejected.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_protocol_errors",
+            "Connections closed for protocol errors",
+            m.protocol_errors.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "telemesh_node_delivered",
+            "Events delivered to consumers",
+            m.delivered.load(Relaxed),
+        )?;
+        let committed = *self.log.committed().borrow();
+        let g = ConstGauge::new(committed as i64);
+        g.encode(enc.encode_descriptor(
+            "telemesh_node_committed_seq",
+            "Last committed node seq",
+            None,
+            g.metric_type(),
+        )?)?;
+        let Ok(c) = self.log.completeness() else {
+            return Ok(());
+        };
+        for (name, help, pick) in [
+            (
+                "telemesh_origin_held_events",
+                "Events held per origin and epoch",
+                0,
+            ),
+            (
+                "telemesh_origin_lost_events",
+                "Events known lost at the edge per origin and epoch",
+                1,
+            ),
+            (
+                "telemesh_origin_rejected_events",
+                "Events refused per origin and epoch",
+                2,
+            ),
+        ] {
+            let mut fam =
+                enc.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+            for o in &c.origins {
+                let ranges = match pick {
+                    0 => &o.held,
+                    1 => &o.lost,
+                    _ => &o.rejected,
+                };
+                let labels = vec![("origin", o.origin.clone()), ("epoch", o.epoch.to_string())];
+                ConstGauge::new(count(ranges)).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        let mut fam = enc.encode_descriptor(
+            "telemesh_consumer_lag_events",
+            "Node seqs between the log's head and a durable consumer's ack",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for d in &c.consumers {
+            let labels = vec![("identity", d.identity.clone()), ("name", d.name.clone())];
+            ConstGauge::new(committed.saturating_sub(d.acked) as i64)
+                .encode(fam.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` and `/healthz` for a node on `listen`; returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    log: Arc<NodeLog>,
+    metrics: Arc<NodeMetrics>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeCollector {
+        log: log.clone(),
+        metrics,
+    }));
+    let registry = Arc::new(registry);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                        Ok(()) => (
+                            axum::http::StatusCode::OK,
+                            [(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        ),
+                        Err(_) => (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            [("content-type", "text/plain")],
+                            "encoding failed".to_owned(),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let log = log.clone();
+                async move {
+                    match log.failure() {
+                        None => (axum::http::StatusCode::OK, "ok".to_owned()),
+                        Some(why) => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("log writer failed: {why}"),
+                        ),
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, task))
+}
