@@ -826,6 +826,17 @@ impl Writer {
         })
     }
 
+    /// Appends one record at the next node seq.
+    fn append_record(&mut self, wtxn: &mut RwTxn, rec: &Record) -> Result<(), heed::Error> {
+        let seq = self.meta.next_seq;
+        self.meta.next_seq += 1;
+        let value = encode(rec);
+        self.meta.bytes += value.len() as u64;
+        self.shared
+            .log
+            .put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &value)
+    }
+
     /// Stores refused events in the bounded dead-letter store and the rejected range sets.
     fn dead_letters(
         &mut self,
@@ -886,7 +897,6 @@ impl Writer {
         self.meta.last_ingest_us = ingest_us;
         let mut out = IngestOutcome::default();
         let held_db = self.shared.held;
-        let log_db = self.shared.log;
         for ev in events {
             let held = Self::set(&mut self.held, held_db, wtxn, &key)?;
             if !held.insert(ev.seq) {
@@ -900,11 +910,7 @@ impl Writer {
                 ingest_us,
                 event: ev.clone(),
             };
-            let seq = self.meta.next_seq;
-            self.meta.next_seq += 1;
-            let value = encode(&rec);
-            self.meta.bytes += value.len() as u64;
-            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &value)?;
+            self.append_record(wtxn, &rec)?;
             out.stored += 1;
         }
         let lost_db = self.shared.lost;
@@ -937,11 +943,7 @@ impl Writer {
                 ingest_us,
                 gap: gap.clone(),
             };
-            let seq = self.meta.next_seq;
-            self.meta.next_seq += 1;
-            let value = encode(&rec);
-            self.meta.bytes += value.len() as u64;
-            log_db.put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), &value)?;
+            self.append_record(wtxn, &rec)?;
             out.gaps += 1;
         }
         Ok(out)

@@ -256,6 +256,13 @@ fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     );
 }
 
+/// A malformed or unexpected frame: counted, logged, and the connection closed with `code`.
+fn protocol_error(ctx: &Ctx, conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+    warn!(%code, %reason, "protocol error: closing the connection");
+    close(conn, code, reason);
+}
+
 async fn reject(
     send: &mut quinn::SendStream,
     conn: &quinn::Connection,
@@ -317,8 +324,7 @@ async fn stream(
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
-                ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-                close(&conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
                 return;
             }
         };
@@ -330,8 +336,8 @@ async fn stream(
             ..
         } = hello
         else {
-            ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-            close(
+            protocol_error(
+                &ctx,
                 &conn,
                 ErrorCode::UNEXPECTED_FRAME,
                 "the first frame must be a hello",
@@ -413,9 +419,7 @@ async fn uplink(
             Ok(None) => break,
             Err(WireError::Read(_)) => break,
             Err(e) => {
-                ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-                warn!(error = %e, "malformed frame: closing the connection");
-                close(&conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
                 break;
             }
         };
@@ -427,8 +431,8 @@ async fn uplink(
             gaps,
         } = frame
         else {
-            ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-            close(
+            protocol_error(
+                &ctx,
                 &conn,
                 ErrorCode::UNEXPECTED_FRAME,
                 "an uplink sends batches only",
@@ -634,8 +638,8 @@ async fn consumer(
         gaps: want_gaps,
     })) = first
     else {
-        ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-        close(
+        protocol_error(
+            &ctx,
             &conn,
             ErrorCode::UNEXPECTED_FRAME,
             "a consumer starts with subscribe",
@@ -853,15 +857,13 @@ async fn consumer(
                     }
                 }
                 Ok(Some(_)) => {
-                    ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-                    close(&conn, ErrorCode::UNEXPECTED_FRAME, "a consumer sends credit and acks only");
+                    protocol_error(&ctx, &conn, ErrorCode::UNEXPECTED_FRAME, "a consumer sends credit and acks only");
                     break;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     if !matches!(e, WireError::Read(_)) {
-                        ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
-                        close(&conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                        protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
                     }
                     break;
                 }
