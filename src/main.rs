@@ -192,7 +192,7 @@ fn run_sub(
         let mut opts = SubscribeOptions::new(filters).start(start).gaps(gaps);
         opts.durable = durable.clone();
         let mut sub = client.subscribe(opts).await.context("subscription refused")?;
-        let node = cfg.server_name.clone().unwrap_or_else(|| cfg.node.clone());
+        let node = sub.node_id.clone();
         let mut printed = 0u64;
         let mut last_seq = None;
         let run = async {

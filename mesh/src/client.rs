@@ -156,6 +156,8 @@ pub enum Item {
 /// A running subscription.
 #[derive(Debug)]
 pub struct Subscription {
+    /// The id of the node serving the subscription.
+    pub node_id: String,
     send: quinn::SendStream,
     reader: FrameReader,
     pending: std::collections::VecDeque<Item>,
@@ -213,7 +215,7 @@ impl Client {
     }
 
     /// Opens a stream and says hello as a consumer.
-    async fn open(&self) -> Result<(quinn::SendStream, FrameReader), ClientError> {
+    async fn open(&self) -> Result<(quinn::SendStream, FrameReader, String), ClientError> {
         let (mut send, recv) = self
             .conn
             .open_bi()
@@ -232,7 +234,7 @@ impl Client {
         .await?;
         let mut reader = FrameReader::new(recv, 64 << 20);
         match reader.next().await? {
-            Some(Frame::Welcome { .. }) => Ok((send, reader)),
+            Some(Frame::Welcome { node_id, .. }) => Ok((send, reader, node_id)),
             Some(Frame::Reject { code, reason }) => Err(ClientError::Refused { code, reason }),
             other => Err(ClientError::Protocol(format!(
                 "expected welcome, got {other:?}"
@@ -243,7 +245,7 @@ impl Client {
     /// The node's completeness view: per origin and epoch, what it holds and knows lost, and
     /// its durable consumers.
     pub async fn status(&self) -> Result<Frame, ClientError> {
-        let (mut send, mut reader) = self.open().await?;
+        let (mut send, mut reader, _) = self.open().await?;
         write_frame(&mut send, &Frame::StatusRequest).await?;
         match reader.next().await? {
             Some(f @ Frame::Status { .. }) => Ok(f),
@@ -256,7 +258,7 @@ impl Client {
 
     /// Starts a subscription on its own stream.
     pub async fn subscribe(&self, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
-        let (mut send, mut reader) = self.open().await?;
+        let (mut send, mut reader, node_id) = self.open().await?;
         write_frame(
             &mut send,
             &Frame::Subscribe {
@@ -290,6 +292,7 @@ impl Client {
             }
         };
         Ok(Subscription {
+            node_id,
             send,
             reader,
             pending,
