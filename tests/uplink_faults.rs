@@ -461,3 +461,88 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
     node_a.shutdown().await;
     node_b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
+    use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &["svc".into()],
+    )
+    .unwrap();
+    let mut cfg = node_config(dir.path());
+    cfg.access.push(telemesh_mesh::config::Access {
+        identity: "svc".into(),
+        role: telemesh_mesh::config::RoleName::Consumer,
+        publish: vec![],
+        read: None,
+    });
+    let node = Node::start(cfg).await.unwrap();
+    let buffer = Buffer::open(
+        &dir.path().join("edge"),
+        "gw-1",
+        BufferOptions {
+            max_bytes: 8 << 20,
+            map_size: 16 << 20,
+            sync: SyncMode::None,
+            ..BufferOptions::default()
+        },
+        Arc::new(EdgeMetrics::default()),
+    )
+    .unwrap();
+    let headers = telemesh_proto::Headers {
+        user_properties: vec![("unit".into(), "C".into())],
+        content_type: Some("text/plain".into()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+    };
+    buffer
+        .handle()
+        .append(Incoming {
+            topic: "site/h".into(),
+            payload: b"21.5".to_vec(),
+            ts_us: 7,
+            qos: 1,
+            headers: Some(Box::new(headers.clone())),
+        })
+        .unwrap();
+    let identity = Identity::load(
+        &dir.path().join("certs/gw-1.pem"),
+        &dir.path().join("certs/gw-1.key"),
+    )
+    .unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let up = tokio::spawn(telemesh_gateway::run(
+        "gw-1".into(),
+        options(dir.path(), vec![node.local_addr().to_string()]),
+        identity,
+        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
+        Arc::new(UplinkMetrics::default()),
+        stop_rx,
+    ));
+    let c = dir.path().join("certs");
+    let client = Client::connect(&ClientConfig {
+        node: node.local_addr().to_string(),
+        server_name: Some("node-a".into()),
+        ca: c.join("ca.pem"),
+        cert: c.join("svc.pem"),
+        key: c.join("svc.key"),
+    })
+    .await
+    .unwrap();
+    let mut sub = client
+        .subscribe(SubscribeOptions::new(vec!["#".into()]).start(telemesh_proto::Start::Earliest))
+        .await
+        .unwrap();
+    let Some(Item::Event(e)) = sub.next().await.unwrap() else {
+        panic!("expected an event")
+    };
+    assert_eq!(e.event.headers.as_deref(), Some(&headers));
+    assert_eq!(e.origin, "gw-1");
+    client.close().await;
+    stop.send(true).unwrap();
+    up.await.unwrap().unwrap();
+    node.shutdown().await;
+}
