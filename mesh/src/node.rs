@@ -767,7 +767,9 @@ async fn consumer(
         let deliverable = credit > 0 && from <= head;
         if deliverable {
             let want = credit.min(1_000) as usize;
-            let records = match ctx.log.read(from, 4_096) {
+            // Read about what the credit can take: records read past it would be decoded
+            // only to be read again next round.
+            let records = match ctx.log.read(from, want.max(256)) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "log read failed");
