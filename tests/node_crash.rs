@@ -3,17 +3,14 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use telemesh_edge::buffer::{Buffer, BufferOptions, Incoming, SyncMode};
-use telemesh_edge::uplink::BufferSource;
-use telemesh_edge::EdgeMetrics;
-use telemesh_gateway::{UplinkMetrics, UplinkOptions};
+use telemesh_edge::buffer::Incoming;
+use telemesh_gateway::UplinkOptions;
 use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_mesh::pki::write_mesh;
-use telemesh_mesh::tls::{load_roots, Identity};
+use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
 use telemesh_proto::Start;
 
@@ -48,18 +45,7 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
     let mut node = spawn_role("node", &node_toml);
 
     // An uplink feeding 1,000 events.
-    let buffer = Buffer::open(
-        &dir.path().join("edge"),
-        "gw-1",
-        BufferOptions {
-            max_bytes: 8 << 20,
-            map_size: 16 << 20,
-            sync: SyncMode::None,
-            ..BufferOptions::default()
-        },
-        Arc::new(EdgeMetrics::default()),
-    )
-    .unwrap();
+    let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 8 << 20);
     let h = buffer.handle();
     for n in 0..1_000u64 {
         h.append(Incoming {
@@ -84,16 +70,7 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
         connect_timeout: Duration::from_millis(500),
         failback_interval: Duration::from_secs(10),
     };
-    let identity = Identity::load(&c.join("gw-1.pem"), &c.join("gw-1.key")).unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let up = tokio::spawn(telemesh_gateway::run(
-        "gw-1".into(),
-        opts,
-        identity,
-        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
-        Arc::new(UplinkMetrics::default()),
-        stop_rx,
-    ));
+    let up = RunningUplink::start("gw-1", opts, &c, "gw-1", &buffer);
     let reader = buffer.reader();
     let until = std::time::Instant::now() + Duration::from_secs(60);
     while reader.state().unwrap().events > 0 {
@@ -164,7 +141,6 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
         "the rest, once, in order"
     );
     client.close().await;
-    stop.send(true).unwrap();
-    up.await.unwrap().unwrap();
+    up.stop().await;
     node.sigterm();
 }

@@ -3,20 +3,22 @@
 //! node does not allow, a name that is not the agent's id). Afterwards every event has
 //! arrived exactly once, in order, and the buffer is empty.
 
+mod common;
+
 use std::net::SocketAddr;
+
+use common::{test_buffer, RunningUplink};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use telemesh_edge::buffer::{Buffer, BufferOptions, Incoming, SyncMode};
-use telemesh_edge::uplink::BufferSource;
-use telemesh_edge::EdgeMetrics;
-use telemesh_gateway::{UplinkMetrics, UplinkOptions};
+use telemesh_edge::buffer::{Buffer, Incoming};
+use telemesh_gateway::UplinkOptions;
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
 use telemesh_mesh::pki::{write_mesh, Authority, Kind};
-use telemesh_mesh::tls::{load_roots, Identity};
+use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
 use tokio::net::UdpSocket;
 
@@ -126,34 +128,14 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     let dropped = Arc::new(AtomicU64::new(0));
     let relay_addr = relay(node.local_addr(), cut.clone(), dropped.clone()).await;
 
-    let buffer = Buffer::open(
-        &dir.path().join("edge"),
+    let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 32 << 20);
+    let up = RunningUplink::start(
         "gw-1",
-        BufferOptions {
-            max_bytes: 32 << 20,
-            map_size: 64 << 20,
-            sync: SyncMode::None,
-            ..BufferOptions::default()
-        },
-        Arc::new(EdgeMetrics::default()),
-    )
-    .unwrap();
-    let source = BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits());
-    let identity = Identity::load(
-        &dir.path().join("certs/gw-1.pem"),
-        &dir.path().join("certs/gw-1.key"),
-    )
-    .unwrap();
-    let metrics = Arc::new(UplinkMetrics::default());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let up = tokio::spawn(telemesh_gateway::run(
-        "gw-1".into(),
         options(dir.path(), vec![relay_addr.to_string()]),
-        identity,
-        source,
-        metrics.clone(),
-        stop_rx,
-    ));
+        &dir.path().join("certs"),
+        "gw-1",
+        &buffer,
+    );
     let stored = || node.log().read(1, usize::MAX).unwrap().len();
     append(&buffer, 0, 2_000);
     wait("the first events at the node", 30, || stored() >= 500).await;
@@ -191,8 +173,7 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
         reader.state().unwrap().events == 0
     })
     .await;
-    stop.send(true).unwrap();
-    up.await.unwrap().unwrap();
+    up.stop().await;
     node.shutdown().await;
 }
 
@@ -221,45 +202,25 @@ async fn expired_and_unlisted_certificates_send_nothing() {
     let node = Node::start(node_config(dir.path())).await.unwrap();
 
     for (cert, name) in [("expired", "gw-1"), ("gw-9", "gw-9")] {
-        let buffer = Buffer::open(
-            &dir.path().join(format!("edge-{cert}")),
-            name,
-            BufferOptions {
-                max_bytes: 8 << 20,
-                map_size: 16 << 20,
-                sync: SyncMode::None,
-                ..BufferOptions::default()
-            },
-            Arc::new(EdgeMetrics::default()),
-        )
-        .unwrap();
+        let buffer = test_buffer(&dir.path().join(format!("edge-{cert}")), name, 8 << 20);
         append(&buffer, 0, 10);
         buffer.handle().flush().unwrap();
-        let identity = Identity::load(
-            &dir.path().join(format!("certs/{cert}.pem")),
-            &dir.path().join(format!("certs/{cert}.key")),
-        )
-        .unwrap();
-        let metrics = Arc::new(UplinkMetrics::default());
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let up = tokio::spawn(telemesh_gateway::run(
-            name.into(),
+        let up = RunningUplink::start(
+            name,
             options(dir.path(), vec![node.local_addr().to_string()]),
-            identity,
-            BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
-            metrics.clone(),
-            stop_rx,
-        ));
-        wait("refusals", 30, || metrics.reconnects.load(Relaxed) >= 2).await;
-        assert!(!metrics.connected.load(Relaxed));
-        assert_eq!(metrics.batches_acked.load(Relaxed), 0);
+            &dir.path().join("certs"),
+            cert,
+            &buffer,
+        );
+        wait("refusals", 30, || up.metrics.reconnects.load(Relaxed) >= 2).await;
+        assert!(!up.metrics.connected.load(Relaxed));
+        assert_eq!(up.metrics.batches_acked.load(Relaxed), 0);
         assert_eq!(
             buffer.reader().state().unwrap().events,
             10,
             "nothing trimmed"
         );
-        stop.send(true).unwrap();
-        up.await.unwrap().unwrap();
+        up.stop().await;
     }
     assert!(
         node.log().read(1, 10).unwrap().is_empty(),
@@ -314,49 +275,23 @@ async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
     // A port where nothing listens: QUIC gets no answer at all.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead = silent.local_addr().unwrap();
-    let buffer = Buffer::open(
-        &dir.path().join("edge"),
-        "gw-1",
-        BufferOptions {
-            max_bytes: 8 << 20,
-            map_size: 16 << 20,
-            sync: SyncMode::None,
-            ..BufferOptions::default()
-        },
-        Arc::new(EdgeMetrics::default()),
-    )
-    .unwrap();
+    let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 8 << 20);
     append(&buffer, 0, 500);
     let mut opts = options(
         dir.path(),
         vec![dead.to_string(), node.local_addr().to_string()],
     );
     opts.connect_timeout = Duration::from_millis(300);
-    let identity = Identity::load(
-        &dir.path().join("certs/gw-1.pem"),
-        &dir.path().join("certs/gw-1.key"),
-    )
-    .unwrap();
-    let metrics = Arc::new(UplinkMetrics::default());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let up = tokio::spawn(telemesh_gateway::run(
-        "gw-1".into(),
-        opts,
-        identity,
-        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
-        metrics.clone(),
-        stop_rx,
-    ));
+    let up = RunningUplink::start("gw-1", opts, &dir.path().join("certs"), "gw-1", &buffer);
     wait("every event at the second node", 30, || {
         node.log().read(1, usize::MAX).unwrap().len() >= 500
     })
     .await;
     assert!(
-        metrics.reconnects.load(Relaxed) >= 1,
+        up.metrics.reconnects.load(Relaxed) >= 1,
         "the first node was tried and given up on"
     );
-    stop.send(true).unwrap();
-    up.await.unwrap().unwrap();
+    up.stop().await;
     drop(silent);
     node.shutdown().await;
 }
@@ -387,38 +322,13 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let buffer = Buffer::open(
-        &dir.path().join("edge"),
-        "gw-1",
-        BufferOptions {
-            max_bytes: 8 << 20,
-            map_size: 16 << 20,
-            sync: SyncMode::None,
-            ..BufferOptions::default()
-        },
-        Arc::new(EdgeMetrics::default()),
-    )
-    .unwrap();
+    let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 8 << 20);
     let mut opts = options(
         dir.path(),
         vec![a_port.to_string(), node_b.local_addr().to_string()],
     );
     opts.connect_timeout = Duration::from_millis(300);
-    let identity = Identity::load(
-        &dir.path().join("certs/gw-1.pem"),
-        &dir.path().join("certs/gw-1.key"),
-    )
-    .unwrap();
-    let metrics = Arc::new(UplinkMetrics::default());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let up = tokio::spawn(telemesh_gateway::run(
-        "gw-1".into(),
-        opts,
-        identity,
-        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
-        metrics.clone(),
-        stop_rx,
-    ));
+    let up = RunningUplink::start("gw-1", opts, &dir.path().join("certs"), "gw-1", &buffer);
     append(&buffer, 0, 100);
     wait("the first 100 at node B", 30, || {
         node_b.log().read(1, usize::MAX).unwrap().len() >= 100
@@ -456,8 +366,7 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
         (100..200).collect::<Vec<_>>(),
         "after failing back, A gets what followed"
     );
-    stop.send(true).unwrap();
-    up.await.unwrap().unwrap();
+    up.stop().await;
     node_a.shutdown().await;
     node_b.shutdown().await;
 }
@@ -481,18 +390,7 @@ async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
         read: None,
     });
     let node = Node::start(cfg).await.unwrap();
-    let buffer = Buffer::open(
-        &dir.path().join("edge"),
-        "gw-1",
-        BufferOptions {
-            max_bytes: 8 << 20,
-            map_size: 16 << 20,
-            sync: SyncMode::None,
-            ..BufferOptions::default()
-        },
-        Arc::new(EdgeMetrics::default()),
-    )
-    .unwrap();
+    let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 8 << 20);
     let headers = telemesh_proto::Headers {
         user_properties: vec![("unit".into(), "C".into())],
         content_type: Some("text/plain".into()),
@@ -508,20 +406,13 @@ async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
             headers: Some(Box::new(headers.clone())),
         })
         .unwrap();
-    let identity = Identity::load(
-        &dir.path().join("certs/gw-1.pem"),
-        &dir.path().join("certs/gw-1.key"),
-    )
-    .unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let up = tokio::spawn(telemesh_gateway::run(
-        "gw-1".into(),
+    let up = RunningUplink::start(
+        "gw-1",
         options(dir.path(), vec![node.local_addr().to_string()]),
-        identity,
-        BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits()),
-        Arc::new(UplinkMetrics::default()),
-        stop_rx,
-    ));
+        &dir.path().join("certs"),
+        "gw-1",
+        &buffer,
+    );
     let c = dir.path().join("certs");
     let client = Client::connect(&ClientConfig {
         node: node.local_addr().to_string(),
@@ -542,7 +433,6 @@ async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
     assert_eq!(e.event.headers.as_deref(), Some(&headers));
     assert_eq!(e.origin, "gw-1");
     client.close().await;
-    stop.send(true).unwrap();
-    up.await.unwrap().unwrap();
+    up.stop().await;
     node.shutdown().await;
 }

@@ -171,3 +171,72 @@ pub fn publish(addr: SocketAddr, client: &str, qos: QoS, first: u64, count: u64)
         acked
     })
 }
+
+/// An edge buffer for tests: no fsync (durability is not what these tests are about),
+/// `max_bytes` as given and a map twice that.
+pub fn test_buffer(dir: &Path, origin: &str, max_bytes: u64) -> telemesh_edge::buffer::Buffer {
+    use telemesh_edge::buffer::{Buffer, BufferOptions, SyncMode};
+    Buffer::open(
+        dir,
+        origin,
+        BufferOptions {
+            max_bytes,
+            map_size: 2 * max_bytes,
+            sync: SyncMode::None,
+            ..BufferOptions::default()
+        },
+        std::sync::Arc::new(telemesh_edge::EdgeMetrics::default()),
+    )
+    .unwrap()
+}
+
+/// A gateway uplink running on the current runtime, draining `buffer`.
+pub struct RunningUplink {
+    /// Its counters.
+    pub metrics: std::sync::Arc<telemesh_gateway::UplinkMetrics>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), telemesh_mesh::tls::TlsError>>,
+}
+
+impl RunningUplink {
+    /// Starts the uplink of `origin` with the certificate `certs/<cert>.pem`.
+    pub fn start(
+        origin: &str,
+        opts: telemesh_gateway::UplinkOptions,
+        certs: &Path,
+        cert: &str,
+        buffer: &telemesh_edge::buffer::Buffer,
+    ) -> RunningUplink {
+        let identity = telemesh_mesh::tls::Identity::load(
+            &certs.join(format!("{cert}.pem")),
+            &certs.join(format!("{cert}.key")),
+        )
+        .unwrap();
+        let source = telemesh_edge::uplink::BufferSource::new(
+            buffer.reader(),
+            buffer.handle(),
+            buffer.commits(),
+        );
+        let metrics = std::sync::Arc::new(telemesh_gateway::UplinkMetrics::default());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(telemesh_gateway::run(
+            origin.to_owned(),
+            opts,
+            identity,
+            source,
+            metrics.clone(),
+            stop_rx,
+        ));
+        RunningUplink {
+            metrics,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it and waits until it has.
+    pub async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
