@@ -264,6 +264,7 @@ fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
             origins,
             consumers,
             dead_letters,
+            upstreams,
         } = status
         else {
             anyhow::bail!("unexpected answer")
@@ -283,7 +284,11 @@ fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
                 "committed": committed,
                 "origins": origins.iter().map(|o| serde_json::json!({
                     "origin": o.origin, "epoch": o.epoch, "held": o.held, "lost": o.lost,
-                    "rejected": o.rejected,
+                    "rejected": o.rejected, "not_selected": o.not_selected,
+                })).collect::<Vec<_>>(),
+                "upstreams": upstreams.iter().map(|u| serde_json::json!({
+                    "from": u.from, "node": u.node_id, "connected": u.connected,
+                    "through": u.through, "behind": u.behind, "lag_ms": u.lag_ms,
                 })).collect::<Vec<_>>(),
                 "dead_letters": dead_letters.iter().map(|d| serde_json::json!({
                     "origin": d.origin, "epoch": d.epoch, "seq": d.seq, "topic": d.topic,
@@ -298,12 +303,24 @@ fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
             println!("node {node_id}: committed through node seq {committed}");
             for o in &origins {
                 println!(
-                    "origin {} epoch {}: held {} lost {} rejected {}",
+                    "origin {} epoch {}: held {} lost {} rejected {} not selected {}",
                     o.origin,
                     o.epoch,
                     ranges(&o.held),
                     ranges(&o.lost),
-                    ranges(&o.rejected)
+                    ranges(&o.rejected),
+                    ranges(&o.not_selected)
+                );
+            }
+            for u in &upstreams {
+                println!(
+                    "upstream {} ({}): {}, stored through node seq {}, {} behind, lag {} ms",
+                    u.from,
+                    if u.node_id.is_empty() { "?" } else { &u.node_id },
+                    if u.connected { "connected" } else { "disconnected" },
+                    u.through,
+                    u.behind,
+                    u.lag_ms
                 );
             }
             for d in &dead_letters {

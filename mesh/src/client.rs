@@ -267,6 +267,7 @@ impl Client {
                 durable: opts.durable,
                 credit: opts.credit_window,
                 gaps: opts.gaps,
+                incarnation: None,
             },
         )
         .await?;

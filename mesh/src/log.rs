@@ -581,6 +581,7 @@ impl NodeLog {
                         held: Vec::new(),
                         lost: Vec::new(),
                         rejected: Vec::new(),
+                        not_selected: Vec::new(),
                     });
                 let ranges: Vec<(u64, u64)> =
                     set.ranges().map(|r| (*r.start(), *r.end())).collect();

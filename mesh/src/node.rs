@@ -620,6 +620,7 @@ async fn consumer(
                 origins: c.origins,
                 consumers: c.consumers,
                 dead_letters: c.dead_letters,
+                upstreams: Vec::new(),
             },
             Err(e) => Frame::Error {
                 code: ErrorCode::INTERNAL,
@@ -636,6 +637,7 @@ async fn consumer(
         durable,
         credit,
         gaps: want_gaps,
+        ..
     })) = first
     else {
         protocol_error(

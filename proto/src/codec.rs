@@ -289,6 +289,7 @@ mod tests {
                 durable: Some("analytics".into()),
                 credit: 1000,
                 gaps: true,
+                incarnation: None,
             },
             Frame::Credit { events: 10 },
             Frame::Truncated {

@@ -11,16 +11,23 @@
 //!   [`Frame::ConsumerAck`]; the node answers [`Frame::Subscribed`] or [`Frame::Truncated`]
 //!   and then streams [`Frame::Deliver`] and [`Frame::Scanned`] as credit allows.
 //!
+//! - **peer** (replication, see [`crate::replication`]): like a consumer, but the node
+//!   answers with [`Frame::Replicate`] rounds that carry each record's path, the seqs the
+//!   filters did not select and how far the log was scanned.
+//!
 //! Compatibility: postcard encodes an enum variant by its index, so variants (of frames,
-//! roles, reasons) are only ever appended, never reordered or removed. Error codes are
-//! numbers that are never reused.
+//! roles, reasons) are only ever appended, never reordered or removed; a change to the
+//! fields of a frame raises [`PROTOCOL_VERSION`], so the handshake refuses peers of another
+//! layout with a clear code instead of misreading them. Error codes are numbers that are
+//! never reused.
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Gap};
+use crate::replication::{NotSelected, Replicated};
 
 /// The protocol version a peer speaks; the handshake refuses any other.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The ALPN name of the protocol.
 pub const ALPN: &[u8] = b"telemesh/1";
@@ -260,6 +267,9 @@ pub enum Frame {
         credit: u32,
         /// Whether to deliver gap records too.
         gaps: bool,
+        /// For a replicating peer: its own log's incarnation. Records whose path names the
+        /// peer in this incarnation are not sent (it stored them before).
+        incarnation: Option<u64>,
     },
     /// The subscription runs, starting at this node seq.
     Subscribed {
@@ -316,7 +326,38 @@ pub enum Frame {
         consumers: Vec<ConsumerStatus>,
         /// The most recent refused events (the dead-letter store's newest entries).
         dead_letters: Vec<DeadLetter>,
+        /// The node's replication upstreams and how far behind each is.
+        upstreams: Vec<UpstreamStatus>,
     },
+    /// A replication round for a peer: records of the log in node seq order.
+    Replicate {
+        /// The node seq scanned through (every record up to it was sent or skipped).
+        through: u64,
+        /// The node's last committed node seq.
+        head: u64,
+        /// The records selected (events matching the filters, and gap records).
+        records: Vec<Replicated>,
+        /// Seqs held and not selected by the filters, as ranges.
+        not_selected: Vec<NotSelected>,
+    },
+}
+
+/// A replication upstream of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    /// The `from` address of the `[[replicate]]` entry.
+    pub from: String,
+    /// The upstream's node id, once known.
+    pub node_id: String,
+    /// Whether a connection to it runs.
+    pub connected: bool,
+    /// The upstream node seq stored through.
+    pub through: u64,
+    /// Upstream records not yet scanned, as of the last round.
+    pub behind: u64,
+    /// Milliseconds from the upstream's ingest of the newest event stored from it to its
+    /// commit here; grows while the upstream is unreachable and events wait there.
+    pub lag_ms: u64,
 }
 
 /// Completeness of one origin's epoch on a node.
@@ -332,6 +373,8 @@ pub struct OriginStatus {
     pub lost: Vec<(u64, u64)>,
     /// Seqs this node refused (poison pills), as inclusive ranges.
     pub rejected: Vec<(u64, u64)>,
+    /// Seqs a filtered replication skipped, as inclusive ranges.
+    pub not_selected: Vec<(u64, u64)>,
 }
 
 /// An event a node refused on its own, kept in its bounded dead-letter store.
@@ -384,6 +427,7 @@ impl Frame {
             Frame::Error { .. } => "error",
             Frame::StatusRequest => "status_request",
             Frame::Status { .. } => "status",
+            Frame::Replicate { .. } => "replicate",
         }
     }
 }

@@ -12,12 +12,15 @@
 //! - [`codec`]: length-prefixed postcard framing and the streaming, size-bounded decoder.
 //! - [`topic`]: MQTT topic-name validation and topic-filter matching.
 //! - [`ranges`]: compact sets of seq ranges.
+//! - [`forwarder`]: the edge side of the uplink protocol.
+//! - [`replication`]: both ends of replication between nodes.
 
 pub mod codec;
 pub mod event;
 pub mod forwarder;
 pub mod frame;
 pub mod ranges;
+pub mod replication;
 pub mod topic;
 
 pub use codec::{encode_frame, DecodeError, FrameDecoder};

@@ -8,7 +8,9 @@ use proptest::prelude::*;
 use telemesh_proto::codec::{encode_frame, DecodeError, FrameDecoder, HEADER_LEN};
 use telemesh_proto::frame::{
     Compression, ConsumerStatus, DeadLetter, Delivered, DeliveredGap, OriginStatus, Rejection,
+    UpstreamStatus,
 };
+use telemesh_proto::replication::{NotSelected, Replicated, ReplicatedItem};
 use telemesh_proto::{
     ErrorCode, Event, Frame, Gap, GapKind, GapReason, Headers, RangeSet, Role, Start,
 };
@@ -169,14 +171,18 @@ fn frame() -> impl Strategy<Value = Frame> {
             start(),
             proptest::option::of(text()),
             any::<u32>(),
-            any::<bool>()
+            any::<bool>(),
+            proptest::option::of(any::<u64>())
         )
-            .prop_map(|(filters, start, durable, credit, gaps)| Frame::Subscribe {
-                filters,
-                start,
-                durable,
-                credit,
-                gaps
+            .prop_map(|(filters, start, durable, credit, gaps, incarnation)| {
+                Frame::Subscribe {
+                    filters,
+                    start,
+                    durable,
+                    credit,
+                    gaps,
+                    incarnation,
+                }
             }),
         any::<u64>().prop_map(|from| Frame::Subscribed { from }),
         (
@@ -228,6 +234,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         origin,
                         epoch,
                         rejected: lost.clone(),
+                        not_selected: held.clone(),
                         held,
                         lost
                     }),
@@ -256,6 +263,52 @@ fn frame() -> impl Strategy<Value = Frame> {
                     reason: "wildcard".into(),
                     ts_us: 9,
                 }],
+                upstreams: vec![UpstreamStatus {
+                    from: "127.0.0.1:7800".into(),
+                    node_id: "node-b".into(),
+                    connected: true,
+                    through: committed,
+                    behind: 4,
+                    lag_ms: 2,
+                }],
+            }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            vec(
+                (
+                    any::<u64>(),
+                    text(),
+                    vec((text(), any::<u64>()), 0..3),
+                    event()
+                )
+                    .prop_map(|(node_seq, origin, path, event)| Replicated {
+                        node_seq,
+                        ingest_us: node_seq,
+                        origin,
+                        epoch: 7,
+                        path,
+                        item: ReplicatedItem::Event(event),
+                    }),
+                0..4
+            ),
+            vec(
+                (text(), any::<u64>(), any::<u64>()).prop_map(|(origin, first, last)| {
+                    NotSelected {
+                        origin,
+                        epoch: 1,
+                        first,
+                        last,
+                    }
+                }),
+                0..3
+            )
+        )
+            .prop_map(|(through, head, records, not_selected)| Frame::Replicate {
+                through,
+                head,
+                records,
+                not_selected
             }),
     ]
 }
