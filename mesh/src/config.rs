@@ -25,6 +25,63 @@ pub struct NodeConfig {
     pub access: Vec<Access>,
     /// `GET /metrics` and `GET /healthz` (optional).
     pub metrics: Option<MetricsSection>,
+    /// Upstream nodes this node pulls topics from.
+    #[serde(default)]
+    pub replicate: Vec<Replicate>,
+}
+
+/// `[[replicate]]`: pull `filters` from another node (which needs an `[[access]]` entry with
+/// role `peer` for this node's identity). The cursor is stored with the events it covers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replicate {
+    /// The upstream's address, `host:port` (UDP).
+    pub from: String,
+    /// The name the upstream's certificate must carry (default: the host of `from`).
+    pub server_name: Option<String>,
+    /// MQTT filters to replicate.
+    pub filters: Vec<String>,
+    /// Where to start the first time: `earliest` (default) or `latest`.
+    #[serde(default = "default_replicate_start")]
+    pub start: ReplicateStart,
+    /// Events received from the upstream and not yet stored, at most.
+    #[serde(default = "default_replicate_window")]
+    pub window: u32,
+    /// Longest wait between reconnect attempts.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: std::time::Duration,
+}
+
+/// Where a replication starts when it has no cursor yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicateStart {
+    /// The oldest record the upstream holds.
+    Earliest,
+    /// After the upstream's last record at the first connection.
+    Latest,
+}
+
+fn default_replicate_start() -> ReplicateStart {
+    ReplicateStart::Earliest
+}
+fn default_replicate_window() -> u32 {
+    20_000
+}
+fn default_backoff_max() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+
+impl Replicate {
+    /// The name the upstream's certificate must carry.
+    pub fn server_name(&self) -> String {
+        self.server_name.clone().unwrap_or_else(|| {
+            let host = self.from.rsplit_once(':').map_or(&*self.from, |(h, _)| h);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        })
+    }
 }
 
 /// `[metrics]`
@@ -244,6 +301,35 @@ impl NodeConfig {
                 ));
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.replicate.iter().enumerate() {
+            if r.from
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return Err(invalid(format!("replicate[{i}].from"), "must be host:port"));
+            }
+            if !seen.insert(r.from.as_str()) {
+                return Err(invalid(
+                    format!("replicate[{i}].from"),
+                    "another entry pulls from the same address",
+                ));
+            }
+            if r.filters.is_empty() {
+                return Err(invalid(
+                    format!("replicate[{i}].filters"),
+                    "at least one filter",
+                ));
+            }
+            for f in &r.filters {
+                validate_filter(f).map_err(|e| {
+                    invalid(format!("replicate[{i}].filters"), format!("{f:?}: {e}"))
+                })?;
+            }
+            if r.window == 0 {
+                return Err(invalid(format!("replicate[{i}].window"), "must be above 0"));
+            }
+        }
         Ok(())
     }
 
@@ -293,6 +379,24 @@ listen = "127.0.0.1:9402"          # GET /metrics (Prometheus text), GET /health
 identity = "site-a-gw-1"           # an edge agent's certificate name
 role = "uplink"
 publish = ["site-a/#"]             # every event's topic must match one of these
+
+[[access]]
+identity = "analytics"             # a cloud service
+role = "consumer"
+read = ["site-a/#", "site-b/#"]    # every subscription filter must lie within one of these
+
+[[access]]
+identity = "node-b"                # another node replicating from this one
+role = "peer"                      # may replicate what `read` allows (everything without it)
+
+# Pull topics from other nodes (each needs a `peer` access entry there for this node).
+[[replicate]]
+from = "node-b.example:7800"       # the upstream's UDP address
+server_name = "node-b"             # its certificate name (default: the host of `from`)
+filters = ["site-b/#"]             # what to replicate
+start = "earliest"                 # or "latest": where to start the first time
+window = 20000                     # events received and not yet stored, at most
+backoff_max = "1s"                 # longest wait between reconnect attempts
 "#;
 
 #[cfg(test)]
@@ -304,6 +408,8 @@ mod tests {
         let cfg: NodeConfig = toml::from_str(DEFAULT_TOML).unwrap();
         assert_eq!(cfg.node.id, "node-a");
         assert_eq!(cfg.access[0].role, RoleName::Uplink);
+        assert_eq!(cfg.replicate[0].server_name(), "node-b");
+        assert_eq!(cfg.replicate[0].start, ReplicateStart::Earliest);
         let err = toml::from_str::<NodeConfig>(&DEFAULT_TOML.replace("map_size", "mapsize"))
             .unwrap_err()
             .to_string();
@@ -326,5 +432,13 @@ mod tests {
         cfg.access[0].publish = vec!["site-a/#/x".into()];
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.starts_with("access[0]:"), "{err}");
+        cfg.access[0].publish = vec!["site-a/#".into()];
+        cfg.replicate[0].filters = vec!["a/#/b".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("replicate[0].filters:"), "{err}");
+        cfg.replicate[0].filters = vec!["a/#".into()];
+        cfg.replicate[0].from = "node-b".into();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("replicate[0].from:"), "{err}");
     }
 }

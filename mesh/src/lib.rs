@@ -1,5 +1,10 @@
 //! The telemesh mesh node and what every QUIC peer of the mesh shares.
 //!
+//! - [`node`]: the QUIC server — hello and access checks, uplink ingest, subscriptions, peers.
+//! - [`log`]: the node's LMDB event log.
+//! - [`replica`]: replication from upstream nodes (`[[replicate]]`).
+//! - [`client`]: the consumer client library (`telemesh sub`, `telemesh status`).
+//! - [`config`], [`metrics`], [`tls`], [`wire`].
 //! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
 
 pub mod client;
@@ -8,5 +13,6 @@ pub mod log;
 pub mod metrics;
 pub mod node;
 pub mod pki;
+pub mod replica;
 pub mod tls;
 pub mod wire;

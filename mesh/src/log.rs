@@ -1,6 +1,6 @@
 //! The node's durable event log (LMDB via heed).
 //!
-//! # Format (format version 1)
+//! # Format (format version 2)
 //!
 //! One environment in `data_dir/log`:
 //! - `log`: node seq (u64 BE) → postcard [`Record`] (an event with its identity and ingest
@@ -11,6 +11,13 @@
 //! - `gapseen`: `origin ‖ 0 ‖ epoch ‖ after ‖ ts_us` → empty: unsequenced gaps already stored.
 //! - `meta`: `"meta"` → postcard `Meta` (format, node id, incarnation, next node seq, last
 //!   ingest time).
+//! - `upstreams`: a `[[replicate]]` entry's `from` → postcard [`UpstreamCursor`], written in
+//!   the transaction of the records it covers.
+//! - `notsel`: same key as `held` → [`RangeSet`] of seqs a filtered replication skipped.
+//!
+//! Every record carries its path: the nodes (id, incarnation) that stored it before this one
+//! (empty for events from an uplink), so replication never sends an event back to a node
+//! that stored it.
 //!
 //! # Invariants
 //! - One writer thread; ingests are grouped into one transaction and answered only after it
@@ -30,6 +37,7 @@ use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, PutFlags, RwTxn, WithoutTls};
 use serde::{Deserialize, Serialize};
 use telemesh_proto::frame::DeadLetter;
+use telemesh_proto::replication::{Hop, NotSelected, Replicated, ReplicatedItem, UpstreamCursor};
 use telemesh_proto::{Event, Gap, GapKind, RangeSet};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
@@ -37,7 +45,7 @@ use tracing::{error, info, warn};
 type Db = Database<'static, Bytes, Bytes>;
 
 /// The format this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +60,8 @@ pub enum Record {
         ingest_us: u64,
         /// The event with its seq.
         event: Event,
+        /// The nodes that stored it before this one, oldest first.
+        path: Vec<Hop>,
     },
     /// A gap record: events lost at the edge.
     Gap {
@@ -63,6 +73,8 @@ pub enum Record {
         ingest_us: u64,
         /// What was lost.
         gap: Gap,
+        /// The nodes that stored it before this one, oldest first.
+        path: Vec<Hop>,
     },
 }
 
@@ -156,6 +168,10 @@ struct Shared {
     dead: Db,
     /// `origin ‖ 0 ‖ epoch` → [`RangeSet`] of seqs refused.
     rejected: Db,
+    /// Replication cursors by upstream address.
+    upstreams: Db,
+    /// `origin ‖ 0 ‖ epoch` → [`RangeSet`] of seqs not selected by a filtered replication.
+    notsel: Db,
 }
 
 /// How many refused events the dead-letter store keeps (the oldest go first).
@@ -170,6 +186,11 @@ enum Cmd {
         rejected: Vec<DeadLetter>,
         reply: oneshot::Sender<Result<IngestOutcome, String>>,
     },
+    /// Store records replicated from an upstream with its cursor.
+    Replica(
+        Box<ReplicaBatch>,
+        oneshot::Sender<Result<IngestOutcome, String>>,
+    ),
     /// Store a durable consumer's cursor (batched into the next commit).
     Cursor {
         key: Vec<u8>,
@@ -185,6 +206,24 @@ enum Cmd {
         reply: oneshot::Sender<Result<u64, String>>,
     },
     Stop,
+}
+
+/// Records replicated from an upstream, stored in one transaction with its cursor.
+#[derive(Debug)]
+pub struct ReplicaBatch {
+    /// The `[[replicate]]` entry's `from`: the key of the cursor.
+    pub from: String,
+    /// The cursor after these records.
+    pub cursor: UpstreamCursor,
+    /// The records, in the upstream's order; each is stored with the upstream appended to
+    /// its path.
+    pub records: Vec<Replicated>,
+    /// Seqs the filters did not select.
+    pub not_selected: Vec<NotSelected>,
+    /// Records refused here (too large, invalid topic): kept as dead letters.
+    pub rejected: Vec<DeadLetter>,
+    /// Upstream node seqs deleted by its retention before they were read.
+    pub truncated: Option<(u64, u64)>,
 }
 
 /// The completeness view of a log.
@@ -264,7 +303,7 @@ impl NodeLog {
     pub fn open(dir: &Path, node_id: &str, map_size: u64, sync: Sync) -> Result<NodeLog, LogError> {
         std::fs::create_dir_all(dir)?;
         let mut o = EnvOpenOptions::new().read_txn_without_tls();
-        o.map_size(map_size as usize).max_dbs(8);
+        o.map_size(map_size as usize).max_dbs(12);
         if sync != Sync::Always {
             // SAFETY: NO_SYNC defers fsync to the OS or our force_sync; never WRITEMAP or
             // NO_META_SYNC.
@@ -275,7 +314,7 @@ impl NodeLog {
         // SAFETY: the node's own directory, opened once per process.
         let env = unsafe { o.open(dir) }?;
         let wtxn = env.write_txn()?;
-        let (log, held, lost, gapseen, meta, cursors, dead, rejected) = env
+        let (log, held, lost, gapseen, meta, cursors, dead, rejected, upstreams, notsel) = env
             .create_databases_and_commit(wtxn, |dbo, wtxn| -> Result<_, heed::Error> {
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("log"))?,
@@ -286,6 +325,8 @@ impl NodeLog {
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("cursors"))?,
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("dead"))?,
                     dbo.create_database::<Bytes, Bytes>(wtxn, Some("rejected"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("upstreams"))?,
+                    dbo.create_database::<Bytes, Bytes>(wtxn, Some("notsel"))?,
                 )))
             })?
             .unwrap_commit();
@@ -299,6 +340,8 @@ impl NodeLog {
             cursors,
             dead,
             rejected,
+            upstreams,
+            notsel,
         });
         let mut wtxn = shared.env.write_txn()?;
         let meta = match shared.meta.get(&wtxn, META)? {
@@ -451,6 +494,28 @@ impl NodeLog {
         Ok(out)
     }
 
+    /// Queues replicated records with their upstream cursor (one transaction); see
+    /// [`wait_commit`].
+    pub async fn submit_replica(&self, batch: ReplicaBatch) -> Result<Pending, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Replica(Box::new(batch), reply))
+            .await
+            .map_err(|_| LogError::Writer("stopped".into()))?;
+        Ok(rx)
+    }
+
+    /// The stored cursor of the upstream at `from`.
+    pub fn upstream_cursor(&self, from: &str) -> Result<Option<UpstreamCursor>, LogError> {
+        let rtxn = self.shared.env.read_txn()?;
+        match self.shared.upstreams.get(&rtxn, from.as_bytes())? {
+            Some(b) => Ok(Some(
+                postcard::from_bytes(b).map_err(|e| LogError::Corrupt(e.to_string()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     /// Stores a durable consumer's cursor; returns once committed.
     pub async fn put_cursor(&self, key: Vec<u8>, cursor: Cursor) -> Result<(), LogError> {
         let (reply, rx) = oneshot::channel();
@@ -565,6 +630,7 @@ impl NodeLog {
             (self.shared.held, 0),
             (self.shared.lost, 1),
             (self.shared.rejected, 2),
+            (self.shared.notsel, 3),
         ] {
             for item in db.iter(&rtxn)? {
                 let (k, v) = item?;
@@ -588,7 +654,8 @@ impl NodeLog {
                 match which {
                     0 => entry.held = ranges,
                     1 => entry.lost = ranges,
-                    _ => entry.rejected = ranges,
+                    2 => entry.rejected = ranges,
+                    _ => entry.not_selected = ranges,
                 }
             }
         }
@@ -676,6 +743,8 @@ impl Writer {
         let mut replies = Vec::new();
         let mut batches = Vec::new();
         let mut cursors = Vec::new();
+        let mut replicas = Vec::new();
+        let mut replica_replies = Vec::new();
         for c in group {
             match c {
                 Cmd::Ingest {
@@ -690,6 +759,10 @@ impl Writer {
                     replies.push(reply);
                 }
                 Cmd::Cursor { key, cursor, reply } => cursors.push((key, cursor, reply)),
+                Cmd::Replica(batch, reply) => {
+                    replicas.push(batch);
+                    replica_replies.push(reply);
+                }
                 Cmd::Retain {
                     min_ingest_us,
                     max_bytes,
@@ -702,11 +775,11 @@ impl Writer {
                 Cmd::Stop => {}
             }
         }
-        if batches.is_empty() && cursors.is_empty() {
+        if batches.is_empty() && cursors.is_empty() && replicas.is_empty() {
             return;
         }
         if let Some(f) = &self.failed {
-            for r in replies {
+            for r in replies.into_iter().chain(replica_replies) {
                 let _ = r.send(Err(f.clone()));
             }
             for (_, _, r) in cursors {
@@ -719,12 +792,16 @@ impl Writer {
         let snapshot = self.meta.clone();
         let mut dirty: HashSet<Vec<u8>> = HashSet::new();
         let shared = self.shared.clone();
-        let result = (|| -> Result<Vec<IngestOutcome>, heed::Error> {
+        let result = (|| -> Result<(Vec<IngestOutcome>, Vec<IngestOutcome>), heed::Error> {
             let mut wtxn = shared.env.write_txn()?;
             let mut outcomes = Vec::new();
             for (origin, epoch, events, gaps, rejected) in &batches {
                 outcomes.push(self.apply(&mut wtxn, origin, *epoch, events, gaps, &mut dirty)?);
                 self.dead_letters(&mut wtxn, origin, *epoch, rejected)?;
+            }
+            let mut replica_outcomes = Vec::new();
+            for batch in &replicas {
+                replica_outcomes.push(self.apply_replica(&mut wtxn, batch, &mut dirty)?);
             }
             for (key, cursor, _) in &cursors {
                 shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
@@ -743,12 +820,15 @@ impl Writer {
                 shared.env.force_sync()?;
                 self.last_sync = Instant::now();
             }
-            Ok(outcomes)
+            Ok((outcomes, replica_outcomes))
         })();
         match result {
-            Ok(outcomes) => {
+            Ok((outcomes, replica_outcomes)) => {
                 let _ = self.committed.send(self.meta.next_seq - 1);
                 for (r, o) in replies.into_iter().zip(outcomes) {
+                    let _ = r.send(Ok(o));
+                }
+                for (r, o) in replica_replies.into_iter().zip(replica_outcomes) {
                     let _ = r.send(Ok(o));
                 }
                 for (_, _, r) in cursors {
@@ -778,7 +858,7 @@ impl Writer {
                     }
                     why
                 };
-                for r in replies {
+                for r in replies.into_iter().chain(replica_replies) {
                     let _ = r.send(Err(why.clone()));
                 }
                 for (_, _, r) in cursors {
@@ -894,60 +974,186 @@ impl Writer {
         dirty: &mut HashSet<Vec<u8>>,
     ) -> Result<IngestOutcome, heed::Error> {
         let key = origin_key(origin, epoch);
-        let ingest_us = now_us().max(self.meta.last_ingest_us);
-        self.meta.last_ingest_us = ingest_us;
+        let ingest_us = self.ingest_time();
         let mut out = IngestOutcome::default();
-        let held_db = self.shared.held;
         for ev in events {
-            let held = Self::set(&mut self.held, held_db, wtxn, &key)?;
-            if !held.insert(ev.seq) {
-                out.duplicates += 1;
-                continue;
-            }
-            dirty.insert(key.clone());
-            let rec = Record::Event {
-                origin: origin.to_owned(),
+            self.store_event(
+                wtxn,
+                &key,
+                origin,
                 epoch,
                 ingest_us,
-                event: ev.clone(),
-            };
-            self.append_record(wtxn, &rec)?;
-            out.stored += 1;
+                ev,
+                &[],
+                dirty,
+                &mut out,
+            )?;
         }
-        let lost_db = self.shared.lost;
         for gap in gaps {
-            let fresh = match gap.kind {
-                GapKind::Range { first, last } => {
-                    let lost = Self::set(&mut self.lost, lost_db, wtxn, &key)?;
-                    let new = !lost.contains_range(first, last);
-                    lost.insert_range(first, last);
-                    new
-                }
-                GapKind::Unsequenced { after, .. } => {
-                    let mut k = key.clone();
-                    k.extend_from_slice(&after.to_be_bytes());
-                    k.extend_from_slice(&gap.ts_us.to_be_bytes());
-                    let seen = self.shared.gapseen.get(wtxn, &k)?.is_some();
-                    if !seen {
-                        self.shared.gapseen.put(wtxn, &k, &[])?;
-                    }
-                    !seen
-                }
-            };
-            if !fresh {
-                continue;
-            }
-            dirty.insert(key.clone());
-            let rec = Record::Gap {
-                origin: origin.to_owned(),
+            self.store_gap(
+                wtxn,
+                &key,
+                origin,
                 epoch,
                 ingest_us,
-                gap: gap.clone(),
-            };
-            self.append_record(wtxn, &rec)?;
-            out.gaps += 1;
+                gap,
+                &[],
+                dirty,
+                &mut out,
+            )?;
         }
         Ok(out)
+    }
+
+    fn ingest_time(&mut self) -> u64 {
+        let ingest_us = now_us().max(self.meta.last_ingest_us);
+        self.meta.last_ingest_us = ingest_us;
+        ingest_us
+    }
+
+    /// Stores replicated records (deduplicated, each with the upstream appended to its path),
+    /// the not-selected ranges, a truncation as a gap record, and the cursor.
+    fn apply_replica(
+        &mut self,
+        wtxn: &mut RwTxn,
+        batch: &ReplicaBatch,
+        dirty: &mut HashSet<Vec<u8>>,
+    ) -> Result<IngestOutcome, heed::Error> {
+        let ingest_us = self.ingest_time();
+        let hop: Hop = (batch.cursor.node_id.clone(), batch.cursor.incarnation);
+        let mut out = IngestOutcome::default();
+        let mut path = Vec::new();
+        for r in &batch.records {
+            let key = origin_key(&r.origin, r.epoch);
+            path.clear();
+            path.extend(r.path.iter().cloned());
+            path.push(hop.clone());
+            match &r.item {
+                ReplicatedItem::Event(ev) => self.store_event(
+                    wtxn, &key, &r.origin, r.epoch, ingest_us, ev, &path, dirty, &mut out,
+                )?,
+                ReplicatedItem::Gap(gap) => self.store_gap(
+                    wtxn, &key, &r.origin, r.epoch, ingest_us, gap, &path, dirty, &mut out,
+                )?,
+            }
+        }
+        for d in &batch.rejected {
+            self.dead_letters(wtxn, &d.origin, d.epoch, std::slice::from_ref(d))?;
+        }
+        for n in &batch.not_selected {
+            let key = origin_key(&n.origin, n.epoch);
+            let mut set: RangeSet = match self.shared.notsel.get(wtxn, &key)? {
+                Some(b) => postcard::from_bytes(b).unwrap_or_default(),
+                None => RangeSet::new(),
+            };
+            if !set.contains_range(n.first, n.last) {
+                set.insert_range(n.first, n.last);
+                self.shared.notsel.put(wtxn, &key, &encode(&set))?;
+            }
+        }
+        if let Some((first, last)) = batch.truncated {
+            // Lost for this replica: a gap record under the upstream's id, in its node seqs.
+            let gap = Gap {
+                kind: GapKind::Range { first, last },
+                reason: telemesh_proto::GapReason::Retention,
+                ts_us: ingest_us,
+            };
+            let (origin, epoch) = (&batch.cursor.node_id, batch.cursor.incarnation);
+            let key = origin_key(origin, epoch);
+            self.store_gap(
+                wtxn,
+                &key,
+                origin,
+                epoch,
+                ingest_us,
+                &gap,
+                &[],
+                dirty,
+                &mut out,
+            )?;
+        }
+        self.shared
+            .upstreams
+            .put(wtxn, batch.from.as_bytes(), &encode(&batch.cursor))?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store_event(
+        &mut self,
+        wtxn: &mut RwTxn,
+        key: &[u8],
+        origin: &str,
+        epoch: u64,
+        ingest_us: u64,
+        ev: &Event,
+        path: &[Hop],
+        dirty: &mut HashSet<Vec<u8>>,
+        out: &mut IngestOutcome,
+    ) -> Result<(), heed::Error> {
+        let held = Self::set(&mut self.held, self.shared.held, wtxn, key)?;
+        if !held.insert(ev.seq) {
+            out.duplicates += 1;
+            return Ok(());
+        }
+        dirty.insert(key.to_vec());
+        let rec = Record::Event {
+            origin: origin.to_owned(),
+            epoch,
+            ingest_us,
+            event: ev.clone(),
+            path: path.to_vec(),
+        };
+        self.append_record(wtxn, &rec)?;
+        out.stored += 1;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store_gap(
+        &mut self,
+        wtxn: &mut RwTxn,
+        key: &[u8],
+        origin: &str,
+        epoch: u64,
+        ingest_us: u64,
+        gap: &Gap,
+        path: &[Hop],
+        dirty: &mut HashSet<Vec<u8>>,
+        out: &mut IngestOutcome,
+    ) -> Result<(), heed::Error> {
+        let fresh = match gap.kind {
+            GapKind::Range { first, last } => {
+                let lost = Self::set(&mut self.lost, self.shared.lost, wtxn, key)?;
+                let new = !lost.contains_range(first, last);
+                lost.insert_range(first, last);
+                new
+            }
+            GapKind::Unsequenced { after, .. } => {
+                let mut k = key.to_vec();
+                k.extend_from_slice(&after.to_be_bytes());
+                k.extend_from_slice(&gap.ts_us.to_be_bytes());
+                let seen = self.shared.gapseen.get(wtxn, &k)?.is_some();
+                if !seen {
+                    self.shared.gapseen.put(wtxn, &k, &[])?;
+                }
+                !seen
+            }
+        };
+        if !fresh {
+            return Ok(());
+        }
+        dirty.insert(key.to_vec());
+        let rec = Record::Gap {
+            origin: origin.to_owned(),
+            epoch,
+            ingest_us,
+            gap: gap.clone(),
+            path: path.to_vec(),
+        };
+        self.append_record(wtxn, &rec)?;
+        out.gaps += 1;
+        Ok(())
     }
 }
 
@@ -955,7 +1161,7 @@ impl Writer {
 /// in node seq order. For operators' tools and tests.
 pub fn inspect(dir: &Path, map_size: u64) -> Result<Vec<(u64, Record)>, LogError> {
     let mut o = EnvOpenOptions::new().read_txn_without_tls();
-    o.map_size(map_size as usize).max_dbs(8);
+    o.map_size(map_size as usize).max_dbs(12);
     // SAFETY: READ_ONLY never writes; LMDB's lock file coordinates with a running writer.
     unsafe {
         o.flags(EnvFlags::READ_ONLY);

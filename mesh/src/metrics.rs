@@ -16,11 +16,13 @@ use prometheus_client::registry::Registry;
 
 use crate::log::NodeLog;
 use crate::node::NodeMetrics;
+use crate::replica::UpstreamState;
 
 #[derive(Debug)]
 struct NodeCollector {
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
+    upstreams: Vec<Arc<UpstreamState>>,
 }
 
 fn counter(
@@ -36,6 +38,88 @@ fn counter(
 
 fn count(ranges: &[(u64, u64)]) -> i64 {
     ranges.iter().map(|(a, b)| (b - a + 1) as i64).sum()
+}
+
+impl NodeCollector {
+    fn encode_upstreams(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.upstreams.is_empty() {
+            return Ok(());
+        }
+        let statuses: Vec<_> = self.upstreams.iter().map(|u| u.status()).collect();
+        let gauge = ConstGauge::new(0i64).metric_type();
+        let counter_type = ConstCounter::new(0u64).metric_type();
+        type Pick = fn(&UpstreamState, &telemesh_proto::frame::UpstreamStatus) -> i64;
+        let gauges: [(&str, &str, Pick); 3] = [
+            (
+                "telemesh_replication_connected",
+                "1 while a connection to the upstream runs",
+                |_, s| i64::from(s.connected),
+            ),
+            (
+                "telemesh_replication_lag_events",
+                "Upstream log records not yet replicated, as of the last round",
+                |_, s| s.behind as i64,
+            ),
+            (
+                "telemesh_replication_stored_through",
+                "Upstream node seq stored through",
+                |_, s| s.through as i64,
+            ),
+        ];
+        for (name, help, pick) in gauges {
+            let mut fam = enc.encode_descriptor(name, help, None, gauge)?;
+            for (u, s) in self.upstreams.iter().zip(&statuses) {
+                let labels = vec![("upstream", s.from.clone())];
+                ConstGauge::new(pick(u, s)).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        let mut fam = enc.encode_descriptor(
+            "telemesh_replication_lag_seconds",
+            "Upstream ingest to local commit of the newest replicated event",
+            None,
+            ConstGauge::new(0f64).metric_type(),
+        )?;
+        for s in &statuses {
+            let labels = vec![("upstream", s.from.clone())];
+            ConstGauge::new(s.lag_ms as f64 / 1000.0).encode(fam.encode_family(&labels)?)?;
+        }
+        type Count = fn(&UpstreamState) -> u64;
+        let counters: [(&str, &str, Count); 3] = [
+            (
+                "telemesh_replication_events",
+                "Events stored from the upstream",
+                |u| u.events.load(Relaxed),
+            ),
+            (
+                "telemesh_replication_duplicates",
+                "Events from the upstream that were already held",
+                |u| u.duplicates.load(Relaxed),
+            ),
+            (
+                "telemesh_replication_errors",
+                "Replication connections that ended in an error",
+                |u| u.errors.load(Relaxed),
+            ),
+        ];
+        for (name, help, pick) in counters {
+            let mut fam = enc.encode_descriptor(name, help, None, counter_type)?;
+            for (u, s) in self.upstreams.iter().zip(&statuses) {
+                let labels = vec![("upstream", s.from.clone())];
+                ConstCounter::new(pick(u)).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        let mut fam = enc.encode_descriptor(
+            "telemesh_replication_latency_seconds",
+            "Upstream ingest to local commit, per replicated event",
+            None,
+            self.upstreams[0].latency.metric_type(),
+        )?;
+        for (u, s) in self.upstreams.iter().zip(&statuses) {
+            let labels = vec![("upstream", s.from.clone())];
+            u.latency.encode(fam.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for NodeCollector {
@@ -95,6 +179,13 @@ impl Collector for NodeCollector {
             "Events delivered to consumers",
             m.delivered.load(Relaxed),
         )?;
+        counter(
+            &mut enc,
+            "telemesh_node_replicated_out",
+            "Events sent to replicating peers",
+            m.replicated_out.load(Relaxed),
+        )?;
+        self.encode_upstreams(&mut enc)?;
         let committed = *self.log.committed().borrow();
         let g = ConstGauge::new(committed as i64);
         g.encode(enc.encode_descriptor(
@@ -155,11 +246,13 @@ pub async fn serve(
     listen: SocketAddr,
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
+    upstreams: Vec<Arc<UpstreamState>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(NodeCollector {
         log: log.clone(),
         metrics,
+        upstreams,
     }));
     let registry = Arc::new(registry);
     let app = axum::Router::new()

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use telemesh_proto::frame::{Compression, Rejection};
+use telemesh_proto::replication::{PeerRound, Replicated, ReplicatedItem};
 use telemesh_proto::topic::{matches, validate_topic_name};
 use telemesh_proto::{ErrorCode, Frame, Role, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::{Access, NodeConfig};
 use crate::log::{wait_commit, NodeLog, Pending, Record};
+use crate::replica::UpstreamState;
 use crate::tls::{self, Identity, TlsError};
 use crate::wire::{write_frame, FrameReader, WireError};
 
@@ -45,6 +47,8 @@ pub struct NodeMetrics {
     pub protocol_errors: AtomicU64,
     /// Events delivered to consumers.
     pub delivered: AtomicU64,
+    /// Events sent to replicating peers.
+    pub replicated_out: AtomicU64,
 }
 
 /// Errors starting a node.
@@ -72,6 +76,8 @@ struct Ctx {
     metrics: Arc<NodeMetrics>,
     /// Durable consumers with a live connection (a name is exclusive).
     active_durables: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Replication upstreams.
+    upstreams: Vec<Arc<UpstreamState>>,
 }
 
 /// A running node.
@@ -83,6 +89,9 @@ pub struct Node {
     metrics_http: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
+    upstreams: Vec<Arc<UpstreamState>>,
+    replication: Vec<tokio::task::JoinHandle<()>>,
+    stop_replication: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -90,7 +99,9 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node, NodeError> {
         let n = &cfg.node;
         let roots = tls::load_roots(&n.ca)?;
-        let server = tls::server_config(roots, Identity::load(&n.cert, &n.key)?)?;
+        let server = tls::server_config(roots.clone(), Identity::load(&n.cert, &n.key)?)?;
+        // Nodes dial out to their upstreams with the same certificate.
+        let client = tls::client_config(roots, Identity::load(&n.cert, &n.key)?)?;
         let log = Arc::new(NodeLog::open(
             &n.data_dir.join("log"),
             &n.id,
@@ -133,11 +144,22 @@ impl Node {
             source,
         })?;
         let metrics = Arc::new(NodeMetrics::default());
+        let (stop_replication, stop_rx) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(crate::replica::Shared {
+            node_id: n.id.clone(),
+            endpoint: endpoint.clone(),
+            client,
+            log: log.clone(),
+            max_event_bytes: n.max_event_bytes.as_u64(),
+            max_frame_bytes: n.max_frame_bytes.as_u64() as u32,
+        });
+        let (upstreams, replication) = crate::replica::start(shared, &cfg.replicate, stop_rx);
         let ctx = Arc::new(Ctx {
             cfg: cfg.clone(),
             log: log.clone(),
             metrics: metrics.clone(),
             active_durables: Default::default(),
+            upstreams: upstreams.clone(),
         });
         // Retention in the background: chunks of at most 10,000 records per transaction.
         let retention = cfg.retention.clone();
@@ -161,7 +183,7 @@ impl Node {
         });
         let metrics_http = match &cfg.metrics {
             Some(m) => Some(
-                crate::metrics::serve(m.listen, log.clone(), metrics.clone())
+                crate::metrics::serve(m.listen, log.clone(), metrics.clone(), upstreams.clone())
                     .await
                     .map_err(|source| NodeError::Bind {
                         addr: m.listen,
@@ -200,7 +222,15 @@ impl Node {
             metrics_http,
             log,
             metrics,
+            upstreams,
+            replication,
+            stop_replication,
         })
+    }
+
+    /// The replication upstreams, in `[[replicate]]` order.
+    pub fn upstreams(&self) -> &[Arc<UpstreamState>] {
+        &self.upstreams
     }
 
     /// The bound UDP address.
@@ -227,6 +257,11 @@ impl Node {
 
     /// Closes every connection with "shutting down" and stops.
     pub async fn shutdown(self) {
+        // Replication first: it finishes the commits in hand and closes its connections.
+        let _ = self.stop_replication.send(true);
+        for t in self.replication {
+            let _ = t.await;
+        }
         self.endpoint.close(
             quinn::VarInt::from_u32(u32::from(ErrorCode::SHUTTING_DOWN.0)),
             b"shutting down",
@@ -372,10 +407,6 @@ async fn stream(
             let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
             return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
         }
-        if role == Role::Peer {
-            let why = "the peer role (replication) is not served by this node yet".to_owned();
-            return reject(&mut send, &conn, &ctx, ErrorCode::ROLE_DENIED, why).await;
-        }
         let welcome = Frame::Welcome {
             version: PROTOCOL_VERSION,
             node_id: ctx.cfg.node.id.clone(),
@@ -389,8 +420,8 @@ async fn stream(
         }
         ctx.metrics.connections.fetch_add(1, Relaxed);
         debug!(role = role.as_str(), "welcomed");
-        if role == Role::Consumer {
-            consumer(conn, identity, access, reader, send, ctx).await;
+        if role == Role::Consumer || role == Role::Peer {
+            consumer(conn, identity, role, access, reader, send, ctx).await;
         } else {
             uplink(conn, identity, access, reader, send, ctx).await;
         }
@@ -596,12 +627,47 @@ async fn send_error(
     let _ = send.finish();
 }
 
+/// A log record as it travels to a replica.
+fn replicated(node_seq: u64, rec: Record) -> Replicated {
+    match rec {
+        Record::Event {
+            origin,
+            epoch,
+            ingest_us,
+            event,
+            path,
+        } => Replicated {
+            node_seq,
+            ingest_us,
+            origin,
+            epoch,
+            path,
+            item: ReplicatedItem::Event(event),
+        },
+        Record::Gap {
+            origin,
+            epoch,
+            ingest_us,
+            gap,
+            path,
+        } => Replicated {
+            node_seq,
+            ingest_us,
+            origin,
+            epoch,
+            path,
+            item: ReplicatedItem::Gap(gap),
+        },
+    }
+}
+
 /// Serves one subscription: catch-up and live tail are one loop — read the committed log
 /// from the cursor, and when it is reached, wait for the committed mark to move. Credit
 /// bounds what is sent ahead of the consumer, so a slow consumer costs no memory.
 async fn consumer(
     conn: quinn::Connection,
     identity: String,
+    role: Role,
     access: Access,
     mut reader: FrameReader,
     mut send: quinn::SendStream,
@@ -620,7 +686,7 @@ async fn consumer(
                 origins: c.origins,
                 consumers: c.consumers,
                 dead_letters: c.dead_letters,
-                upstreams: Vec::new(),
+                upstreams: ctx.upstreams.iter().map(|u| u.status()).collect(),
             },
             Err(e) => Frame::Error {
                 code: ErrorCode::INTERNAL,
@@ -637,7 +703,7 @@ async fn consumer(
         durable,
         credit,
         gaps: want_gaps,
-        ..
+        incarnation: peer_incarnation,
     })) = first
     else {
         protocol_error(
@@ -681,6 +747,9 @@ async fn consumer(
             .await;
         }
     }
+    // A peer keeps its cursor in its own log: the node keeps no state for it.
+    let peer = (role == Role::Peer).then(|| peer_incarnation.unwrap_or(0));
+    let durable = if peer.is_some() { None } else { durable };
     let key = durable
         .as_ref()
         .map(|name| crate::log::cursor_key(&identity, name));
@@ -791,56 +860,72 @@ async fn consumer(
                     from = *first;
                 }
             }
-            let mut events = Vec::new();
-            let mut gap_items = Vec::new();
-            let mut through = from - 1;
-            for (seq, rec) in records {
-                if seq > head || events.len() >= want {
-                    break;
-                }
-                through = seq;
-                match rec {
-                    Record::Event {
-                        origin,
-                        epoch,
-                        ingest_us,
-                        event,
-                    } => {
-                        if filters.iter().any(|f| matches(f, &event.topic)) {
-                            events.push(Delivered {
-                                node_seq: seq,
-                                ingest_us,
-                                origin,
-                                epoch,
-                                event,
-                            });
-                        }
-                    }
-                    Record::Gap {
-                        origin, epoch, gap, ..
-                    } => {
-                        if want_gaps {
-                            gap_items.push(DeliveredGap {
-                                node_seq: seq,
-                                origin,
-                                epoch,
-                                gap,
-                            });
-                        }
+            let frame = if let Some(incarnation) = peer {
+                let mut round = PeerRound::new(&filters, (&identity, incarnation), from, want);
+                for (seq, rec) in records {
+                    if seq > head || !round.offer(seq, replicated(seq, rec)) {
+                        break;
                     }
                 }
-            }
-            from = through + 1;
-            let frame = if events.is_empty() && gap_items.is_empty() {
-                Frame::Scanned { through }
-            } else {
-                credit -= events.len() as u64;
+                from = round.through() + 1;
+                credit -= round.events() as u64;
                 ctx.metrics
-                    .delivered
-                    .fetch_add(events.len() as u64, Relaxed);
-                Frame::Deliver {
-                    events,
-                    gaps: gap_items,
+                    .replicated_out
+                    .fetch_add(round.events() as u64, Relaxed);
+                round.into_frame(head)
+            } else {
+                let mut events = Vec::new();
+                let mut gap_items = Vec::new();
+                let mut through = from - 1;
+                for (seq, rec) in records {
+                    if seq > head || events.len() >= want {
+                        break;
+                    }
+                    through = seq;
+                    match rec {
+                        Record::Event {
+                            origin,
+                            epoch,
+                            ingest_us,
+                            event,
+                            ..
+                        } => {
+                            if filters.iter().any(|f| matches(f, &event.topic)) {
+                                events.push(Delivered {
+                                    node_seq: seq,
+                                    ingest_us,
+                                    origin,
+                                    epoch,
+                                    event,
+                                });
+                            }
+                        }
+                        Record::Gap {
+                            origin, epoch, gap, ..
+                        } => {
+                            if want_gaps {
+                                gap_items.push(DeliveredGap {
+                                    node_seq: seq,
+                                    origin,
+                                    epoch,
+                                    gap,
+                                });
+                            }
+                        }
+                    }
+                }
+                from = through + 1;
+                if events.is_empty() && gap_items.is_empty() {
+                    Frame::Scanned { through }
+                } else {
+                    credit -= events.len() as u64;
+                    ctx.metrics
+                        .delivered
+                        .fetch_add(events.len() as u64, Relaxed);
+                    Frame::Deliver {
+                        events,
+                        gaps: gap_items,
+                    }
                 }
             };
             if write_frame(&mut send, &frame).await.is_err() {
@@ -860,8 +945,9 @@ async fn consumer(
                         }
                     }
                 }
-                Ok(Some(_)) => {
-                    protocol_error(&ctx, &conn, ErrorCode::UNEXPECTED_FRAME, "a consumer sends credit and acks only");
+                Ok(Some(f)) => {
+                    let why = format!("a subscriber sends credit and acks only, not {}", f.kind());
+                    protocol_error(&ctx, &conn, ErrorCode::UNEXPECTED_FRAME, &why);
                     break;
                 }
                 Ok(None) => break,

@@ -232,6 +232,27 @@ impl Apply {
             .filter(|r| matches!(r.item, ReplicatedItem::Event(_)))
             .count()
     }
+
+    /// What [`Replicator::on_applied`] needs once the apply is stored (the records may have
+    /// moved into the store by then).
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            connection: self.connection,
+            cursor: self.cursor.clone(),
+            events: self.events() as u32,
+        }
+    }
+}
+
+/// A stored [`Apply`], reported back to its [`Replicator`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The connection the records came on.
+    pub connection: u64,
+    /// The cursor stored.
+    pub cursor: UpstreamCursor,
+    /// The events among the records.
+    pub events: u32,
 }
 
 /// A violation of the protocol by the upstream; the driver closes the connection.
@@ -461,11 +482,11 @@ impl Replicator {
 
     /// An [`Apply`] is stored (in the order they were produced): the credit to send, if the
     /// connection it came on still runs.
-    pub fn on_applied(&mut self, apply: &Apply) -> Option<Frame> {
-        self.stored = Some(apply.cursor.clone());
-        let events = apply.events() as u32;
-        (apply.connection == self.connection && self.state == State::Streaming && events > 0)
-            .then_some(Frame::Credit { events })
+    pub fn on_applied(&mut self, receipt: Receipt) -> Option<Frame> {
+        let events = receipt.events;
+        let live = receipt.connection == self.connection && self.state == State::Streaming;
+        self.stored = Some(receipt.cursor);
+        (live && events > 0).then_some(Frame::Credit { events })
     }
 }
 
@@ -618,7 +639,7 @@ mod tests {
             panic!()
         };
         assert_eq!(a.cursor.through, 0);
-        assert_eq!(r.on_applied(&a), None);
+        assert_eq!(r.on_applied(a.receipt()), None);
         let frame = Frame::Replicate {
             through: 5,
             head: 9,
@@ -631,7 +652,7 @@ mod tests {
         assert_eq!(a.cursor.through, 5);
         assert_eq!(a.cursor.incarnation, 9);
         assert_eq!(a.behind, 4);
-        assert_eq!(r.on_applied(&a), Some(Frame::Credit { events: 2 }));
+        assert_eq!(r.on_applied(a.receipt()), Some(Frame::Credit { events: 2 }));
         assert_eq!(r.cursor().unwrap().through, 5);
         // Out of order, or before what was received: a protocol error.
         let bad = Frame::Replicate {
@@ -643,7 +664,7 @@ mod tests {
         assert!(matches!(r.on_frame(bad), Err(ReplicaError::Order(_))));
         // An apply of a connection that is gone updates the cursor but sends no credit.
         r.on_disconnected();
-        assert_eq!(r.on_applied(&a), None);
+        assert_eq!(r.on_applied(a.receipt()), None);
     }
 
     #[test]

@@ -415,7 +415,7 @@ impl Sim {
         }
         node.cursors.insert(l, apply.cursor.clone());
         let link = &mut self.links[l];
-        if let Some(credit) = link.rep.on_applied(&apply) {
+        if let Some(credit) = link.rep.on_applied(apply.receipt()) {
             if let Some(c) = link.conn.as_mut() {
                 c.to_up.push_back(credit);
             }

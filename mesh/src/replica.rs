@@ -1,0 +1,359 @@
+//! The replication driver: runs proto's [`Replicator`] for each `[[replicate]]` entry over
+//! QUIC (the node's own endpoint and certificate, role `peer`).
+//!
+//! One task per upstream: connect, hello, subscribe from the stored cursor, then a loop that
+//! reads `replicate` rounds and queues each for the log writer (records and cursor in one
+//! transaction), a bounded number in flight; as each commit completes, credit goes back
+//! upstream. On any error the task waits for the commits in flight, then reconnects with
+//! exponential backoff; what was received and not stored is asked for again.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use telemesh_proto::frame::{DeadLetter, UpstreamStatus};
+use telemesh_proto::replication::{Receipt, ReplicatedItem, Replicator, Step};
+use telemesh_proto::topic::validate_topic_name;
+use telemesh_proto::{ErrorCode, Frame, Start};
+use tokio::sync::{oneshot, watch};
+use tracing::{info, warn, Instrument};
+
+use crate::config::{Replicate, ReplicateStart};
+use crate::log::{IngestOutcome, NodeLog, Pending, ReplicaBatch};
+use crate::wire::{write_frame, FrameReader};
+
+/// Replication commits in flight per upstream, at most.
+const MAX_PENDING: usize = 32;
+/// The longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a node knows about one of its upstreams (for status and metrics).
+#[derive(Debug)]
+pub struct UpstreamState {
+    status: Mutex<UpstreamStatus>,
+    /// Events stored from it (duplicates not counted).
+    pub events: AtomicU64,
+    /// Events it sent that were already held.
+    pub duplicates: AtomicU64,
+    /// Connections that ended in an error.
+    pub errors: AtomicU64,
+    /// Seconds from the upstream's ingest of an event to its commit here.
+    pub latency: Histogram,
+    /// Bumped on every change of the status or the error count.
+    version: watch::Sender<u64>,
+}
+
+impl UpstreamState {
+    fn new(from: &str) -> Self {
+        UpstreamState {
+            status: Mutex::new(UpstreamStatus {
+                from: from.to_owned(),
+                node_id: String::new(),
+                connected: false,
+                through: 0,
+                behind: 0,
+                lag_ms: 0,
+            }),
+            events: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            // 50 µs … ~100 s.
+            latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 22)),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    /// Changes whenever the status or the error count changes.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> UpstreamStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut UpstreamStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// What every replication task of a node shares.
+pub(crate) struct Shared {
+    pub node_id: String,
+    pub endpoint: quinn::Endpoint,
+    pub client: quinn::ClientConfig,
+    pub log: Arc<NodeLog>,
+    pub max_event_bytes: u64,
+    pub max_frame_bytes: u32,
+}
+
+/// Starts one task per `[[replicate]]` entry; they stop when `shutdown` turns true.
+pub(crate) fn start(
+    shared: Arc<Shared>,
+    entries: &[Replicate],
+    shutdown: watch::Receiver<bool>,
+) -> (Vec<Arc<UpstreamState>>, Vec<tokio::task::JoinHandle<()>>) {
+    let mut states = Vec::new();
+    let mut tasks = Vec::new();
+    for entry in entries {
+        let state = Arc::new(UpstreamState::new(&entry.from));
+        states.push(state.clone());
+        let span = tracing::info_span!("replicate", from = %entry.from);
+        tasks.push(tokio::spawn(
+            run(shared.clone(), entry.clone(), state, shutdown.clone()).instrument(span),
+        ));
+    }
+    (states, tasks)
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    entry: Replicate,
+    state: Arc<UpstreamState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stored = match shared.log.upstream_cursor(&entry.from) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot read the replication cursor; starting without it");
+            None
+        }
+    };
+    if let Some(c) = &stored {
+        state.update(|s| {
+            s.node_id = c.node_id.clone();
+            s.through = c.through;
+        });
+    }
+    let start = match entry.start {
+        ReplicateStart::Earliest => Start::Earliest,
+        ReplicateStart::Latest => Start::Latest,
+    };
+    let mut rep = Replicator::new(
+        shared.log.incarnation(),
+        entry.filters.clone(),
+        start,
+        entry.window,
+        stored,
+    );
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut pending = VecDeque::new();
+        let result = session(
+            &shared,
+            &entry,
+            &state,
+            &mut rep,
+            &mut pending,
+            &mut shutdown,
+        )
+        .await;
+        rep.on_disconnected();
+        state.update(|s| s.connected = false);
+        // What is queued for the writer is stored before the next connection starts.
+        while let Some(mut p) = pending.pop_front() {
+            let outcome = (&mut p.rx).await;
+            if finish(&state, &mut rep, p, outcome).is_err() {
+                break;
+            }
+        }
+        match result {
+            Ok(()) => return,
+            Err(why) => {
+                state.errors.fetch_add(1, Relaxed);
+                state.version.send_modify(|v| *v += 1);
+                warn!(%why, "replication connection ended; reconnecting");
+            }
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.min(entry.backoff_max) + jitter) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(entry.backoff_max);
+    }
+}
+
+struct InFlight {
+    receipt: Receipt,
+    ingest_us: Vec<u64>,
+    behind: u64,
+    rx: Pending,
+}
+
+/// Reports one queued apply's commit; the credit frame to send, if any.
+fn finish(
+    state: &UpstreamState,
+    rep: &mut Replicator,
+    p: InFlight,
+    outcome: Result<Result<IngestOutcome, String>, oneshot::error::RecvError>,
+) -> Result<Option<Frame>, String> {
+    let outcome = outcome
+        .map_err(|_| "log writer stopped".to_owned())?
+        .map_err(|e| format!("log: {e}"))?;
+    let now = now_us();
+    for t in &p.ingest_us {
+        state
+            .latency
+            .observe(now.saturating_sub(*t) as f64 / 1_000_000.0);
+    }
+    state.events.fetch_add(outcome.stored, Relaxed);
+    state.duplicates.fetch_add(outcome.duplicates, Relaxed);
+    let through = p.receipt.cursor.through;
+    state.update(|s| {
+        s.through = through;
+        s.behind = p.behind;
+        if let Some(t) = p.ingest_us.last() {
+            s.lag_ms = now.saturating_sub(*t) / 1000;
+        } else if p.behind == 0 {
+            s.lag_ms = 0;
+        }
+    });
+    Ok(rep.on_applied(p.receipt))
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn resolve(from: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(from)
+        .await
+        .map_err(|e| format!("resolve {from}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolve {from}: no address"))
+}
+
+/// One connection: returns `Ok` on shutdown, `Err` when the connection ends otherwise.
+async fn session(
+    shared: &Shared,
+    entry: &Replicate,
+    state: &UpstreamState,
+    rep: &mut Replicator,
+    pending: &mut VecDeque<InFlight>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), String> {
+    let addr = resolve(&entry.from).await?;
+    let connecting = shared
+        .endpoint
+        .connect_with(shared.client.clone(), addr, &entry.server_name())
+        .map_err(|e| format!("connect: {e}"))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| "connect: timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(recv, shared.max_frame_bytes);
+    let hello = rep.on_connected(&shared.node_id);
+    write_frame(&mut send, &hello)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                r = async { (&mut pending.front_mut().expect("guarded").rx).await }, if !pending.is_empty() => {
+                    let p = pending.pop_front().expect("guarded");
+                    if let Some(credit) = finish(state, rep, p, r)? {
+                        write_frame(&mut send, &credit).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                f = reader.next(), if pending.len() < MAX_PENDING => {
+                    let frame = match f {
+                        Ok(Some(f)) => f,
+                        Ok(None) => return Err("upstream closed the stream".to_owned()),
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    if let Frame::Welcome { node_id, incarnation, .. } = &frame {
+                        info!(upstream = %node_id, incarnation, "connected");
+                        let id = node_id.clone();
+                        state.update(|s| {
+                            s.node_id = id;
+                            s.connected = true;
+                        });
+                    }
+                    match rep.on_frame(frame).map_err(|e| e.to_string())? {
+                        Step::Send(f) => {
+                            write_frame(&mut send, &f).await.map_err(|e| e.to_string())?;
+                        }
+                        Step::Apply(apply) => {
+                            let receipt = apply.receipt();
+                            let behind = apply.behind;
+                            let mut batch = ReplicaBatch {
+                                from: entry.from.clone(),
+                                cursor: apply.cursor,
+                                records: Vec::with_capacity(apply.records.len()),
+                                not_selected: apply.not_selected,
+                                rejected: Vec::new(),
+                                truncated: apply.truncated,
+                            };
+                            if let Some((first, last)) = batch.truncated {
+                                warn!(first, last, "upstream retention deleted records before they were replicated");
+                            }
+                            let mut ingest_us = Vec::new();
+                            for r in apply.records {
+                                if let ReplicatedItem::Event(ev) = &r.item {
+                                    if let Some((code, reason)) = refuse(ev, shared.max_event_bytes) {
+                                        batch.rejected.push(DeadLetter {
+                                            origin: r.origin.clone(),
+                                            epoch: r.epoch,
+                                            seq: ev.seq,
+                                            topic: ev.topic.clone(),
+                                            code,
+                                            reason,
+                                            ts_us: now_us(),
+                                        });
+                                        continue;
+                                    }
+                                    ingest_us.push(r.ingest_us);
+                                }
+                                batch.records.push(r);
+                            }
+                            let rx = shared.log.submit_replica(batch).await.map_err(|e| e.to_string())?;
+                            pending.push_back(InFlight { receipt, ingest_us, behind, rx });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    let code = match &result {
+        Ok(()) => ErrorCode::SHUTTING_DOWN,
+        Err(_) => ErrorCode::INTERNAL,
+    };
+    conn.close(
+        quinn::VarInt::from_u32(u32::from(code.0)),
+        b"replication ends",
+    );
+    result
+}
+
+/// Why a replicated event cannot be stored here, if it cannot.
+fn refuse(ev: &telemesh_proto::Event, max_event_bytes: u64) -> Option<(ErrorCode, String)> {
+    if let Err(e) = validate_topic_name(&ev.topic) {
+        return Some((ErrorCode::INVALID_TOPIC, e.to_string()));
+    }
+    if ev.size() as u64 > max_event_bytes {
+        return Some((
+            ErrorCode::EVENT_TOO_LARGE,
+            format!("{} bytes exceed {max_event_bytes}", ev.size()),
+        ));
+    }
+    None
+}
