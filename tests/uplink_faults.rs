@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use common::{test_buffer, RunningUplink};
+use common::{relay, test_buffer, RunningUplink};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +18,6 @@ use telemesh_mesh::node::Node;
 use telemesh_mesh::pki::{write_mesh, Authority, Kind};
 use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
-use tokio::net::UdpSocket;
 
 fn node_config(dir: &std::path::Path) -> NodeConfig {
     let c = dir.join("certs");
@@ -32,45 +29,6 @@ fn node_config(dir: &std::path::Path) -> NodeConfig {
         c = c.display()
     ))
     .unwrap()
-}
-
-/// Forwards datagrams between one client and `node`; drops everything while `cut` is set.
-async fn relay(node: SocketAddr, cut: Arc<AtomicBool>, dropped: Arc<AtomicU64>) -> SocketAddr {
-    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    back.connect(node).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
-    let (f, b, c, cut2, d2) = (
-        front.clone(),
-        back.clone(),
-        client.clone(),
-        cut.clone(),
-        dropped.clone(),
-    );
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = f.recv_from(&mut buf).await {
-            *c.lock().unwrap() = Some(from);
-            if cut2.load(Relaxed) {
-                d2.fetch_add(1, Relaxed);
-            } else {
-                let _ = b.send(&buf[..n]).await;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok(n) = back.recv(&mut buf).await {
-            let to = *client.lock().unwrap();
-            if cut.load(Relaxed) {
-                dropped.fetch_add(1, Relaxed);
-            } else if let Some(to) = to {
-                let _ = front.send_to(&buf[..n], to).await;
-            }
-        }
-    });
-    addr
 }
 
 async fn wait(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
