@@ -365,3 +365,60 @@ async fn a_node_without_peer_access_is_refused_and_gets_nothing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_upstream_before_they_were_pulled_are_recorded_as_lost() {
+    let dir = setup(&["node-a", "node-b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let a = Node::start(config(dir.path(), "node-a", pa, &["node-b"], &[]))
+        .await
+        .unwrap();
+    a.log()
+        .ingest("gw".into(), 1, events("site-a", 1, 101), vec![])
+        .await
+        .unwrap();
+    let b_cfg = config(dir.path(), "node-b", pb, &[], &[(pa, "node-a", "[\"#\"]")]);
+    let b = Node::start(b_cfg.clone()).await.unwrap();
+    until(b.log(), "the first 100", |log| count(log, "gw", 1) == 100).await;
+    until_upstream(&b.upstreams()[0], "the cursor", |u| {
+        u.status().through >= 100
+    })
+    .await;
+    b.shutdown().await;
+    // While B is down, A takes 1,000 more and its retention deletes all but the newest 300.
+    a.log()
+        .ingest("gw".into(), 1, events("site-a", 101, 1_101), vec![])
+        .await
+        .unwrap();
+    let per_record = {
+        let recs = a.log().read(1, 2).unwrap();
+        assert_eq!(recs.len(), 2);
+        postcard_len(&recs[1].1)
+    };
+    a.log().retain(0, per_record * 300, 10_000).await.unwrap();
+    let earliest = a.log().first_seq().unwrap();
+    assert!(earliest > 101, "retention deleted what B had not pulled");
+    let b = Node::start(b_cfg).await.unwrap();
+    until(b.log(), "the newest events", |log| {
+        log.held("gw", 1).unwrap().contains(1_100)
+    })
+    .await;
+    // The skipped node seqs of A are a gap record under A's id; nothing else is invented.
+    let c = b.log().completeness().unwrap();
+    let lost = c
+        .origins
+        .iter()
+        .find(|o| o.origin == "node-a")
+        .map(|o| o.lost.clone())
+        .unwrap();
+    assert_eq!(lost, vec![(101, earliest - 1)]);
+    let held = b.log().held("gw", 1).unwrap();
+    assert_eq!(held.len(), 100 + (1_100 - earliest + 1));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The stored size of a record, as retention counts it.
+fn postcard_len(rec: &Record) -> u64 {
+    postcard::to_allocvec(rec).unwrap().len() as u64
+}
