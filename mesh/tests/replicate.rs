@@ -4,6 +4,8 @@
 //! stored cursor after a restart and starts again from earliest when its upstream's log was
 //! wiped; a peer without access is refused.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
@@ -130,15 +132,17 @@ async fn a_cycle_of_three_stores_every_event_once_and_sends_nothing_back() {
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
     // A pulls from B, B from C, C from A: every event travels two hops to reach everyone,
     // and the third hop would bring it home.
-    let a = Node::start(config(
+    let mut a_cfg = config(
         dir.path(),
         "node-a",
         pa,
         &["node-c"],
         &[(pb, "node-b", "[\"#\"]")],
-    ))
-    .await
-    .unwrap();
+    );
+    a_cfg.metrics = Some(telemesh_mesh::config::MetricsSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+    });
+    let a = Node::start(a_cfg).await.unwrap();
     let b = Node::start(config(
         dir.path(),
         "node-b",
@@ -215,6 +219,18 @@ async fn a_cycle_of_three_stores_every_event_once_and_sends_nothing_back() {
         .unwrap();
     let ids: Vec<&str> = via_b.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(ids, ["node-c", "node-b"]);
+    // The scrape names the upstream and its lag.
+    let text = common::http_get(a.metrics_addr().unwrap(), "/metrics").await;
+    let from = format!("127.0.0.1:{pb}");
+    for line in [
+        format!("telemesh_replication_connected{{upstream=\"{from}\"}} 1"),
+        format!("telemesh_replication_lag_events{{upstream=\"{from}\"}} 0"),
+        format!("telemesh_replication_events_total{{upstream=\"{from}\"}} 4000"),
+        format!("telemesh_replication_latency_seconds_count{{upstream=\"{from}\"}} 4000"),
+        format!("telemesh_replication_lag_seconds{{upstream=\"{from}\"}}"),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
     for n in [a, b, c] {
         n.shutdown().await;
     }

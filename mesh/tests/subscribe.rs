@@ -2,7 +2,11 @@
 //! switch from catch-up to live tail has no gap and no duplicate, a durable consumer resumes
 //! after its last ack across a node restart, and reads outside the access rules are refused.
 
+mod common;
+
 use std::path::Path;
+
+use common::http_get;
 
 use telemesh_mesh::client::{Client, ClientConfig, ClientError, Item, SubscribeOptions};
 use telemesh_mesh::config::NodeConfig;
@@ -276,17 +280,6 @@ async fn a_consumer_that_grants_no_more_credit_gets_nothing_more() {
     );
     client.close().await;
     node.shutdown().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
