@@ -11,13 +11,12 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_mesh::log::{inspect, Record};
+use telemesh_mesh::relay::Relay;
 use telemesh_proto::Start;
 
 const SITES: [&str; 3] = ["a", "b", "c"];
@@ -159,10 +158,9 @@ fn a_triangle_of_sites_delivers_every_event_once_through_a_cut_and_a_node_kill()
     let ports: BTreeMap<&str, u16> = SITES.iter().map(|s| (*s, free_udp_port())).collect();
     let addr = |s: &str| format!("127.0.0.1:{}", ports[s]);
     // A pulls from C through a relay that can cut the path.
-    let cut = Arc::new(AtomicBool::new(false));
-    let dropped = Arc::new(AtomicU64::new(0));
     let c_addr: SocketAddr = addr("c").parse().unwrap();
-    let relay_addr = rt.block_on(relay(c_addr, cut.clone(), dropped.clone()));
+    let relay = rt.block_on(Relay::start(c_addr)).unwrap();
+    let relay_addr = relay.addr();
     let node_cfgs: BTreeMap<&str, PathBuf> = [
         ("a", vec![(addr("b"), "b"), (relay_addr.to_string(), "c")]),
         ("b", vec![(addr("a"), "a"), (addr("c"), "c")]),
@@ -188,10 +186,10 @@ fn a_triangle_of_sites_delivers_every_event_once_through_a_cut_and_a_node_kill()
     }
 
     // Wave 1 with the A ← C path cut: C's events reach A only through B meanwhile.
-    cut.store(true, Relaxed);
+    relay.set_cut(true);
     publish_wave(&durable, 0);
     wait_for("the cut to drop packets", Duration::from_secs(30), || {
-        dropped.load(Relaxed) >= 20
+        relay.dropped() >= 20
     });
     // Wave 2: node B is killed with kill -9 once it has stored part of it.
     let wave2 = {
@@ -205,7 +203,7 @@ fn a_triangle_of_sites_delivers_every_event_once_through_a_cut_and_a_node_kill()
     );
     nodes.get_mut("b").unwrap().kill9();
     wave2.join().unwrap();
-    cut.store(false, Relaxed);
+    relay.set_cut(false);
     nodes.insert("b", spawn_role("node", &node_cfgs["b"]));
     publish_wave(&durable, 2 * WAVE);
 

@@ -5,9 +5,8 @@
 
 mod common;
 
-use common::{relay, test_buffer, RunningUplink};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use common::{test_buffer, RunningUplink};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use telemesh_edge::buffer::{Buffer, Incoming};
@@ -16,6 +15,7 @@ use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
 use telemesh_mesh::pki::{write_mesh, Authority, Kind};
+use telemesh_mesh::relay::Relay;
 use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
 
@@ -82,9 +82,8 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     )
     .unwrap();
     let node = Node::start(node_config(dir.path())).await.unwrap();
-    let cut = Arc::new(AtomicBool::new(false));
-    let dropped = Arc::new(AtomicU64::new(0));
-    let relay_addr = relay(node.local_addr(), cut.clone(), dropped.clone()).await;
+    let relay = Relay::start(node.local_addr()).await.unwrap();
+    let relay_addr = relay.addr();
 
     let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 32 << 20);
     let up = RunningUplink::start(
@@ -99,14 +98,11 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     wait("the first events at the node", 30, || stored() >= 500).await;
 
     // Cut the path; keep appending; heal once the relay has dropped a good number of packets.
-    cut.store(true, Relaxed);
+    relay.set_cut(true);
     append(&buffer, 2_000, 4_000);
-    wait("packets dropped by the cut", 30, || {
-        dropped.load(Relaxed) >= 20
-    })
-    .await;
+    wait("packets dropped by the cut", 30, || relay.dropped() >= 20).await;
     let during = stored();
-    cut.store(false, Relaxed);
+    relay.set_cut(false);
     wait("every event at the node", 60, || stored() >= 4_000).await;
     assert!(during < 4_000, "the cut held events back");
 

@@ -10,6 +10,7 @@ pub mod config;
 
 pub use agent::{broker_connection_errors, Agent, AgentError, BrokerErrorCounter};
 pub use config::EdgeConfig;
+pub mod demo;
 pub mod durable;
 pub mod sim;
 pub mod uplink;

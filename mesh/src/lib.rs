@@ -4,7 +4,7 @@
 //! - [`log`]: the node's LMDB event log.
 //! - [`replica`]: replication from upstream nodes (`[[replicate]]`).
 //! - [`client`]: the consumer client library (`telemesh sub`, `telemesh status`).
-//! - [`config`], [`metrics`], [`tls`], [`wire`].
+//! - [`config`], [`metrics`], [`tls`], [`wire`]; [`relay`], a UDP relay that can cut a path.
 //! - [`pki`]: `telemesh certs` — a CA and the node, edge and client certificates of a mesh.
 
 pub mod client;
@@ -13,6 +13,7 @@ pub mod log;
 pub mod metrics;
 pub mod node;
 pub mod pki;
+pub mod relay;
 pub mod replica;
 pub mod tls;
 pub mod wire;

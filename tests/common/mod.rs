@@ -4,8 +4,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use rumqttc::QoS;
@@ -241,47 +239,4 @@ impl RunningUplink {
         self.stop.send(true).unwrap();
         self.task.await.unwrap().unwrap();
     }
-}
-
-/// Forwards datagrams between one client and `node`; drops everything while `cut` is set.
-pub async fn relay(
-    node: SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) -> SocketAddr {
-    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    back.connect(node).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
-    let (f, b, c, cut2, d2) = (
-        front.clone(),
-        back.clone(),
-        client.clone(),
-        cut.clone(),
-        dropped.clone(),
-    );
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = f.recv_from(&mut buf).await {
-            *c.lock().unwrap() = Some(from);
-            if cut2.load(Relaxed) {
-                d2.fetch_add(1, Relaxed);
-            } else {
-                let _ = b.send(&buf[..n]).await;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok(n) = back.recv(&mut buf).await {
-            let to = *client.lock().unwrap();
-            if cut.load(Relaxed) {
-                dropped.fetch_add(1, Relaxed);
-            } else if let Some(to) = to {
-                let _ = front.send_to(&buf[..n], to).await;
-            }
-        }
-    });
-    addr
 }
