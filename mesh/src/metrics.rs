@@ -75,7 +75,7 @@ impl NodeCollector {
         }
         let mut fam = enc.encode_descriptor(
             "telemesh_replication_lag_seconds",
-            "Upstream ingest to local commit of the newest replicated event",
+            "Caught up: upstream ingest to local commit of the newest replicated event; disconnected or behind: its age",
             None,
             ConstGauge::new(0f64).metric_type(),
         )?;

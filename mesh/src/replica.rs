@@ -34,6 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct UpstreamState {
     status: Mutex<UpstreamStatus>,
+    /// Upstream ingest time (µs) of the newest event stored from it; 0 before the first.
+    newest_ingest_us: AtomicU64,
     /// Events stored from it (duplicates not counted).
     pub events: AtomicU64,
     /// Events it sent that were already held.
@@ -57,6 +59,7 @@ impl UpstreamState {
                 behind: 0,
                 lag_ms: 0,
             }),
+            newest_ingest_us: AtomicU64::new(0),
             events: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -71,12 +74,20 @@ impl UpstreamState {
         self.version.subscribe()
     }
 
-    /// A snapshot of the status.
+    /// A snapshot of the status. While the replica is disconnected or behind, `lag_ms` is
+    /// the age of the newest event stored from the upstream, so it keeps growing through a
+    /// partition; once caught up it is that event's upstream-ingest-to-commit latency.
     pub fn status(&self) -> UpstreamStatus {
-        self.status
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        let newest = self.newest_ingest_us.load(Relaxed);
+        if (!s.connected || s.behind > 0) && newest > 0 {
+            s.lag_ms = now_us().saturating_sub(newest) / 1000;
+        }
+        s
     }
 
     fn update(&self, f: impl FnOnce(&mut UpstreamStatus)) {
@@ -211,6 +222,9 @@ fn finish(
     state.events.fetch_add(outcome.stored, Relaxed);
     state.duplicates.fetch_add(outcome.duplicates, Relaxed);
     let through = p.receipt.cursor.through;
+    if let Some(t) = p.ingest_us.iter().max() {
+        state.newest_ingest_us.fetch_max(*t, Relaxed);
+    }
     state.update(|s| {
         s.through = through;
         s.behind = p.behind;

@@ -438,3 +438,44 @@ async fn records_deleted_upstream_before_they_were_pulled_are_recorded_as_lost()
 fn postcard_len(rec: &Record) -> u64 {
     postcard::to_allocvec(rec).unwrap().len() as u64
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_in_seconds_keeps_growing_while_the_upstream_is_unreachable() {
+    let dir = setup(&["node-a", "node-b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let a = Node::start(config(dir.path(), "node-a", pa, &["node-b"], &[]))
+        .await
+        .unwrap();
+    a.log()
+        .ingest("gw".into(), 1, events("site-a", 1, 11), vec![])
+        .await
+        .unwrap();
+    let newest_ingest_us = match &a.log().read(10, 1).unwrap()[0].1 {
+        Record::Event { ingest_us, .. } => *ingest_us,
+        other => panic!("{other:?}"),
+    };
+    let b = Node::start(config(
+        dir.path(),
+        "node-b",
+        pb,
+        &[],
+        &[(pa, "node-a", "[\"#\"]")],
+    ))
+    .await
+    .unwrap();
+    let u = b.upstreams()[0].clone();
+    until_upstream(&u, "the events", |u| u.events.load(Relaxed) == 10).await;
+    a.shutdown().await;
+    until_upstream(&u, "the disconnect", |u| !u.status().connected).await;
+    // Disconnected: the lag is the age of the newest event replicated, measured now.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let lag = u.status().lag_ms;
+    assert!(
+        lag >= (before - newest_ingest_us) / 1000,
+        "lag {lag} ms is the age of the newest event"
+    );
+    b.shutdown().await;
+}

@@ -355,8 +355,8 @@ pub struct UpstreamStatus {
     pub through: u64,
     /// Upstream records not yet scanned, as of the last round.
     pub behind: u64,
-    /// Milliseconds from the upstream's ingest of the newest event stored from it to its
-    /// commit here; grows while the upstream is unreachable and events wait there.
+    /// Caught up: milliseconds from the upstream's ingest of the newest event stored from it
+    /// to its commit here. Disconnected or behind: that event's age, which keeps growing.
     pub lag_ms: u64,
 }
 
