@@ -37,7 +37,7 @@ pub enum AgentError {
     #[error(transparent)]
     Buffer(#[from] BufferError),
     /// The MQTT port cannot be bound.
-    #[error("mqtt.listen {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -65,6 +65,7 @@ pub struct Agent {
         tokio::task::JoinHandle<()>,
     )>,
     uplink_metrics: Arc<telemesh_gateway::UplinkMetrics>,
+    metrics_http: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 /// Loads a PEM certificate chain and key into a rustls server config (ring provider).
@@ -178,7 +179,7 @@ impl Agent {
                 tap.run(link_rx, &tap_stop)
             })
             .map_err(|e| AgentError::Broker(e.to_string()))?;
-        let runtime = if cfg.durable.is_some() || cfg.uplink.is_some() {
+        let runtime = if cfg.durable.is_some() || cfg.uplink.is_some() || cfg.metrics.is_some() {
             Some(
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
@@ -272,6 +273,31 @@ impl Agent {
             }
             _ => None,
         };
+        let metrics_http = match (&cfg.metrics, &runtime) {
+            (Some(m), Some(rt)) => {
+                let collector = crate::metrics::EdgeCollector {
+                    edge: buffer.metrics().clone(),
+                    uplink: uplink_metrics.clone(),
+                };
+                let edge = buffer.metrics().clone();
+                let health: telemesh_mesh::metrics::Health = Arc::new(move || {
+                    let failed = edge.write_errors.load(Ordering::Relaxed);
+                    (failed > 0).then(|| format!("buffer writer failed ({failed} write errors)"))
+                });
+                let served = rt
+                    .block_on(telemesh_mesh::metrics::serve_http(
+                        m.listen,
+                        Box::new(collector),
+                        health,
+                    ))
+                    .map_err(|source| AgentError::Bind {
+                        addr: m.listen,
+                        source,
+                    })?;
+                Some(served)
+            }
+            _ => None,
+        };
         info!(
             id = %cfg.agent.id,
             listen = %cfg.mqtt.listen,
@@ -287,12 +313,18 @@ impl Agent {
             durable,
             uplink,
             uplink_metrics,
+            metrics_http,
         })
     }
 
     /// The durable port's bound address, if it runs.
     pub fn durable_addr(&self) -> Option<SocketAddr> {
         self.durable.as_ref().map(DurableServer::local_addr)
+    }
+
+    /// Where `/metrics` and `/healthz` are served, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_http.as_ref().map(|(a, _)| *a)
     }
 
     /// The uplink's counters.
@@ -330,6 +362,10 @@ impl Agent {
             if let Some((stop, task)) = self.uplink.take() {
                 let _ = stop.send(true);
                 let _ = rt.block_on(task);
+            }
+            if let Some((_, http)) = self.metrics_http.take() {
+                http.abort();
+                let _ = rt.block_on(http);
             }
         }
         self.stop.store(true, Ordering::SeqCst);

@@ -27,6 +27,8 @@ pub struct EdgeConfig {
     pub buffer: BufferSection,
     /// The uplink to the mesh (optional: without it the agent only buffers).
     pub uplink: Option<UplinkSection>,
+    /// `GET /metrics` and `GET /healthz` (optional).
+    pub metrics: Option<telemesh_mesh::config::MetricsSection>,
 }
 
 /// `[uplink]`: batches over QUIC with mutual TLS to the first node that answers.
@@ -477,6 +479,9 @@ sync_interval = "100ms"
 # connect_timeout = "2s"           # a node that is down is given up on after this
 # linger = "0ms"                   # how long a batch that is not full may wait to fill
 # failback_interval = "10s"        # on a later node, how often to check the first again
+
+[metrics]
+listen = "127.0.0.1:9401"          # GET /metrics (Prometheus text), GET /healthz
 "#;
 
 #[cfg(test)]

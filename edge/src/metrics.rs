@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 
+use telemesh_mesh::metrics::{counter, gauge, Latency};
 use telemesh_proto::GapReason;
 
 /// Counters of one edge agent.
@@ -13,6 +14,8 @@ use telemesh_proto::GapReason;
 pub struct EdgeMetrics {
     /// Time of each buffer commit (transaction and sync), in µs.
     pub commit_us: Mutex<Histogram<u64>>,
+    /// The same, for `/metrics`.
+    pub commit_latency: Latency,
     /// Events taken in from devices (stored or not).
     pub events_in: AtomicU64,
     /// Topic and payload bytes taken in from devices.
@@ -100,6 +103,7 @@ impl Default for EdgeMetrics {
     fn default() -> Self {
         EdgeMetrics {
             commit_us: Mutex::new(Histogram::new(3).expect("histogram bounds")),
+            commit_latency: Latency::default(),
             events_in: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             buffer_events: AtomicU64::new(0),
@@ -129,6 +133,7 @@ impl EdgeMetrics {
         if let Ok(mut h) = self.commit_us.lock() {
             let _ = h.record(took.as_micros() as u64);
         }
+        self.commit_latency.observe_us(took.as_micros() as u64);
     }
 
     /// Commit time (µs) at quantile `q`.
@@ -205,5 +210,183 @@ impl EdgeSnapshot {
         } else {
             now_us.saturating_sub(self.oldest_event_us)
         }
+    }
+}
+
+/// `/metrics` of an agent: the buffer, the durable port, the broker and the uplink, read at
+/// scrape time.
+#[derive(Debug)]
+pub struct EdgeCollector {
+    /// The agent's counters.
+    pub edge: std::sync::Arc<EdgeMetrics>,
+    /// The uplink's counters.
+    pub uplink: std::sync::Arc<telemesh_gateway::UplinkMetrics>,
+}
+
+impl prometheus_client::collector::Collector for EdgeCollector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let m = self.edge.snapshot();
+        let u = &self.uplink;
+        let now = crate::buffer::now_us();
+        let counters: [(&str, &str, u64); 16] = [
+            (
+                "telemesh_edge_events_in",
+                "Events taken in from devices",
+                m.events_in,
+            ),
+            (
+                "telemesh_edge_bytes_in",
+                "Topic and payload bytes taken in",
+                m.bytes_in,
+            ),
+            (
+                "telemesh_edge_commits",
+                "Buffer transactions committed",
+                m.commits,
+            ),
+            ("telemesh_edge_fsyncs", "Buffer syncs to disk", m.fsyncs),
+            (
+                "telemesh_edge_dropped_evicted",
+                "Events evicted by drop-oldest (gap records)",
+                m.drops_evicted,
+            ),
+            (
+                "telemesh_edge_dropped_refused",
+                "Events refused on a full buffer (gap records)",
+                m.drops_refused,
+            ),
+            (
+                "telemesh_edge_dropped_overrun",
+                "Events the embedded broker skipped (gap records)",
+                m.drops_overrun,
+            ),
+            (
+                "telemesh_edge_dropped_storage",
+                "Events lost to a failed or full disk (gap records)",
+                m.drops_storage,
+            ),
+            (
+                "telemesh_edge_rejected_invalid",
+                "Publishes refused for an invalid topic",
+                m.rejected_invalid,
+            ),
+            (
+                "telemesh_edge_write_errors",
+                "Buffer commits that failed (the writer stops)",
+                m.write_errors,
+            ),
+            (
+                "telemesh_edge_durable_refused",
+                "Durable-port connections refused",
+                m.durable_refused,
+            ),
+            (
+                "telemesh_edge_durable_protocol_errors",
+                "Durable-port connections closed for protocol errors",
+                m.durable_protocol_errors,
+            ),
+            (
+                "telemesh_edge_durable_acks",
+                "PUBACKs and PUBRECs sent after commit",
+                m.durable_acks,
+            ),
+            (
+                "telemesh_edge_durable_duplicates",
+                "Resent publishes recognised and not stored again",
+                m.durable_duplicates,
+            ),
+            (
+                "telemesh_edge_broker_connection_errors",
+                "Connection errors of the embedded broker",
+                crate::agent::broker_connection_errors(),
+            ),
+            (
+                "telemesh_uplink_reconnects",
+                "Uplink connections that failed or ended",
+                u.reconnects.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            counter(&mut enc, name, help, v)?;
+        }
+        for (name, help, v) in [
+            (
+                "telemesh_uplink_batches_sent",
+                "Batches sent, resends included",
+                u.batches_sent.load(Relaxed),
+            ),
+            (
+                "telemesh_uplink_batches_acked",
+                "Batches acknowledged by a node",
+                u.batches_acked.load(Relaxed),
+            ),
+            (
+                "telemesh_uplink_frame_bytes",
+                "Frame bytes written",
+                u.frame_bytes.load(Relaxed),
+            ),
+        ] {
+            counter(&mut enc, name, help, v)?;
+        }
+        let gauges: [(&str, &str, i64); 6] = [
+            (
+                "telemesh_edge_backlog_events",
+                "Events in the buffer not yet acknowledged by a node",
+                m.buffer_events as i64,
+            ),
+            (
+                "telemesh_edge_backlog_bytes",
+                "Bytes of those events",
+                m.buffer_bytes as i64,
+            ),
+            (
+                "telemesh_edge_buffer_max_bytes",
+                "The buffer's max_bytes",
+                m.buffer_max_bytes as i64,
+            ),
+            (
+                "telemesh_edge_durable_connections",
+                "Open durable-port connections",
+                m.durable_connections as i64,
+            ),
+            (
+                "telemesh_uplink_connected",
+                "1 while a node has welcomed the uplink",
+                i64::from(u.connected.load(Relaxed)),
+            ),
+            (
+                "telemesh_uplink_in_flight_batches",
+                "Batches sent and not yet acknowledged",
+                u.in_flight.load(Relaxed) as i64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            gauge(&mut enc, name, help, v)?;
+        }
+        gauge(
+            &mut enc,
+            "telemesh_edge_buffer_utilization",
+            "Buffer bytes used over max_bytes (0 to 1)",
+            m.utilization(),
+        )?;
+        let oldest = if m.oldest_event_us == 0 {
+            0.0
+        } else {
+            now.saturating_sub(m.oldest_event_us) as f64 / 1_000_000.0
+        };
+        gauge(
+            &mut enc,
+            "telemesh_edge_backlog_age_seconds",
+            "Age of the oldest event not yet acknowledged by a node",
+            oldest,
+        )?;
+        self.edge.commit_latency.encode(
+            &mut enc,
+            "telemesh_edge_commit_latency_seconds",
+            "Buffer commit time (transaction and sync)",
+        )
     }
 }

@@ -73,6 +73,8 @@ pub struct UplinkMetrics {
     pub batches_sent: AtomicU64,
     /// Batches acknowledged.
     pub batches_acked: AtomicU64,
+    /// Batches sent and not yet acknowledged, now.
+    pub in_flight: AtomicU64,
     /// Frame bytes written (batches and hellos).
     pub frame_bytes: AtomicU64,
     /// UDP bytes sent by finished connections (QUIC and TLS overhead included).
@@ -189,6 +191,7 @@ pub async fn run<S: Source>(
             .instrument(span)
             .await;
             metrics.connected.store(false, Relaxed);
+            metrics.in_flight.store(0, Relaxed);
             fwd.on_disconnected();
             match result {
                 Ok(()) => {
@@ -322,6 +325,7 @@ async fn session<S: Source>(
                 metrics.frame_bytes.fetch_add(n as u64, Relaxed);
                 metrics.batches_sent.fetch_add(1, Relaxed);
             }
+            metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
         }
         tokio::select! {
             frame = reader.next() => match frame? {
@@ -331,6 +335,7 @@ async fn session<S: Source>(
                     }
                     fwd.on_ack(id)?;
                     metrics.batches_acked.fetch_add(1, Relaxed);
+                    metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
                     if let Some(t) = fwd.poll_trim() {
                         source.trim(t).await.map_err(SessionError::Source)?;
                     }

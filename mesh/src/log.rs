@@ -289,7 +289,8 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     postcard::to_allocvec(v).expect("in-memory postcard encoding cannot fail")
 }
 
-fn now_us() -> u64 {
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

@@ -12,6 +12,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::log::NodeLog;
@@ -25,7 +26,8 @@ struct NodeCollector {
     upstreams: Vec<Arc<UpstreamState>>,
 }
 
-fn counter(
+/// Encodes one counter without labels.
+pub fn counter(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -34,6 +36,49 @@ fn counter(
     let c = ConstCounter::new(v);
     let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
     c.encode(m)
+}
+
+/// Encodes one gauge without labels.
+pub fn gauge<N>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: N,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(v);
+    let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(m)
+}
+
+/// A latency histogram in seconds, 50 µs to about 100 s in powers of two.
+#[derive(Debug)]
+pub struct Latency(pub Histogram);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency(Histogram::new(exponential_buckets(0.000_05, 2.0, 22)))
+    }
+}
+
+impl Latency {
+    /// Records `us` microseconds.
+    pub fn observe_us(&self, us: u64) {
+        self.0.observe(us as f64 / 1_000_000.0);
+    }
+
+    /// Encodes the histogram without labels.
+    pub fn encode(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+    ) -> Result<(), std::fmt::Error> {
+        let m = enc.encode_descriptor(name, help, None, self.0.metric_type())?;
+        self.0.encode(m)
+    }
 }
 
 fn count(ranges: &[(u64, u64)]) -> i64 {
@@ -185,6 +230,16 @@ impl Collector for NodeCollector {
             "Events sent to replicating peers",
             m.replicated_out.load(Relaxed),
         )?;
+        m.ingest_latency.encode(
+            &mut enc,
+            "telemesh_node_ingest_latency_seconds",
+            "Edge receive to node commit, per event from an uplink",
+        )?;
+        m.delivery_latency.encode(
+            &mut enc,
+            "telemesh_node_delivery_latency_seconds",
+            "Edge receive to delivery to a consumer, per event",
+        )?;
         self.encode_upstreams(&mut enc)?;
         let committed = *self.log.committed().borrow();
         let g = ConstGauge::new(committed as i64);
@@ -248,12 +303,31 @@ pub async fn serve(
     metrics: Arc<NodeMetrics>,
     upstreams: Vec<Arc<UpstreamState>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(NodeCollector {
+    let collector = NodeCollector {
         log: log.clone(),
         metrics,
         upstreams,
-    }));
+    };
+    serve_http(
+        listen,
+        Box::new(collector),
+        Arc::new(move || log.failure().map(|why| format!("log writer failed: {why}"))),
+    )
+    .await
+}
+
+/// Why a process is unhealthy, if it is (`/healthz` answers 503 with it).
+pub type Health = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Serves `GET /metrics` (OpenMetrics text from `collector`) and `GET /healthz` (200 `ok`, or
+/// 503 with the reason `health` gives) on `listen`; returns the bound address.
+pub async fn serve_http(
+    listen: SocketAddr,
+    collector: Box<dyn Collector>,
+    health: Health,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut registry = Registry::default();
+    registry.register_collector(collector);
     let registry = Arc::new(registry);
     let app = axum::Router::new()
         .route(
@@ -283,14 +357,11 @@ pub async fn serve(
         .route(
             "/healthz",
             axum::routing::get(move || {
-                let log = log.clone();
+                let health = health.clone();
                 async move {
-                    match log.failure() {
+                    match health() {
                         None => (axum::http::StatusCode::OK, "ok".to_owned()),
-                        Some(why) => (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            format!("log writer failed: {why}"),
-                        ),
+                        Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }
             }),

@@ -26,7 +26,7 @@ use crate::replica::UpstreamState;
 use crate::tls::{self, Identity, TlsError};
 use crate::wire::{write_frame, FrameReader, WireError};
 
-/// The node's counters.
+/// The node's counters and latency histograms.
 #[derive(Debug, Default)]
 pub struct NodeMetrics {
     /// Connections accepted (handshake done).
@@ -49,6 +49,10 @@ pub struct NodeMetrics {
     pub delivered: AtomicU64,
     /// Events sent to replicating peers.
     pub replicated_out: AtomicU64,
+    /// Edge receive (the event's `ts_us`) to this node's commit, per event from an uplink.
+    pub ingest_latency: crate::metrics::Latency,
+    /// Edge receive to delivery to a consumer, per event.
+    pub delivery_latency: crate::metrics::Latency,
 }
 
 /// Errors starting a node.
@@ -429,7 +433,8 @@ async fn stream(
 }
 
 enum AckItem {
-    Pending(u64, Vec<Rejection>, Pending),
+    /// A batch queued for the writer, with its events' edge receive times.
+    Pending(u64, Vec<Rejection>, Pending, Vec<u64>),
     Refused(u64, ErrorCode, String),
 }
 
@@ -535,10 +540,11 @@ async fn uplink(
                 ts_us: now_us,
             })
             .collect();
+        let received: Vec<u64> = accepted.iter().map(|e| e.ts_us).collect();
         match ctx.log.submit(origin, epoch, accepted, gaps, dead).await {
             Ok(pending) => {
                 if tx
-                    .send(AckItem::Pending(id, rejected, pending))
+                    .send(AckItem::Pending(id, rejected, pending, received))
                     .await
                     .is_err()
                 {
@@ -567,8 +573,15 @@ async fn acker(
 ) {
     while let Some(item) = rx.recv().await {
         let frame = match item {
-            AckItem::Pending(id, rejected, pending) => match wait_commit(pending).await {
+            AckItem::Pending(id, rejected, pending, received) => match wait_commit(pending).await {
                 Ok(outcome) => {
+                    // Resent batches would count their first journey twice: left out.
+                    if outcome.duplicates == 0 {
+                        let now = crate::log::now_us();
+                        for t in received {
+                            metrics.ingest_latency.observe_us(now.saturating_sub(t));
+                        }
+                    }
                     metrics.batches_acked.fetch_add(1, Relaxed);
                     metrics.events_stored.fetch_add(outcome.stored, Relaxed);
                     metrics.duplicates.fetch_add(outcome.duplicates, Relaxed);
@@ -922,6 +935,12 @@ async fn consumer(
                     ctx.metrics
                         .delivered
                         .fetch_add(events.len() as u64, Relaxed);
+                    let now = crate::log::now_us();
+                    for e in &events {
+                        ctx.metrics
+                            .delivery_latency
+                            .observe_us(now.saturating_sub(e.event.ts_us));
+                    }
                     Frame::Deliver {
                         events,
                         gaps: gap_items,
