@@ -113,6 +113,21 @@ impl Authority {
     }
 
     /// The CA certificate in PEM.
+    /// Loads an existing CA from its certificate and key (PEM).
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Authority, PkiError> {
+        let err = |source| PkiError::Rcgen {
+            name: "ca".to_owned(),
+            source,
+        };
+        let key = KeyPair::from_pem(key_pem).map_err(err)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(err)?;
+        Ok(Authority {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        })
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
@@ -187,11 +202,25 @@ pub fn write_mesh(
         path: dir.to_owned(),
         source,
     })?;
-    let ca = Authority::new("telemesh CA")?;
+    // A directory that already holds a CA gets more certificates from the same CA, so a
+    // mesh can grow site by site.
+    let (ca_pem, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let mut written = Vec::new();
-    write(dir.join("ca.pem"), ca.cert_pem(), false)?;
-    write(dir.join("ca.key"), &ca.key_pem, true)?;
-    written.extend([dir.join("ca.pem"), dir.join("ca.key")]);
+    let ca = if ca_pem.exists() && ca_key.exists() {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| PkiError::Io {
+                path: p.to_owned(),
+                source,
+            })
+        };
+        Authority::load(&read(&ca_pem)?, &read(&ca_key)?)?
+    } else {
+        let ca = Authority::new("telemesh CA")?;
+        write(ca_pem.clone(), ca.cert_pem(), false)?;
+        write(ca_key.clone(), &ca.key_pem, true)?;
+        written.extend([ca_pem, ca_key]);
+        ca
+    };
     let all = nodes
         .iter()
         .map(|n| (n, Kind::Node))
@@ -281,5 +310,22 @@ mod tests {
             err.to_string().contains("invalid certificate name"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_second_run_issues_from_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        write_mesh(dir.path(), &["node-a".into()], &[], &[]).unwrap();
+        let ca_before = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        let files = write_mesh(dir.path(), &["node-b".into()], &[], &[]).unwrap();
+        assert_eq!(
+            files.len(),
+            2,
+            "only the new certificate and key: {files:?}"
+        );
+        let ca = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        assert_eq!(ca, ca_before, "the CA is kept");
+        let b = std::fs::read_to_string(dir.path().join("node-b.pem")).unwrap();
+        verify_server(&ca, &b, "node-b").unwrap();
     }
 }
