@@ -1,7 +1,11 @@
 //! Every sample config in deploy/ parses (unknown keys would be errors) and validates, with
 //! the certificate directory pointed at files that exist.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::fake_certs;
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -16,19 +20,7 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn every_deploy_config_parses_and_validates() {
-    let certs = tempfile::tempdir().unwrap();
-    for name in [
-        "node-a",
-        "node-b",
-        "site-a-gw-1",
-        "site-b-gw-1",
-        "analytics",
-    ] {
-        for ext in ["pem", "key"] {
-            std::fs::write(certs.path().join(format!("{name}.{ext}")), "").unwrap();
-        }
-    }
-    std::fs::write(certs.path().join("ca.pem"), "").unwrap();
+    let certs = fake_certs();
     let mut all = Vec::new();
     files(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy"),

@@ -5,31 +5,16 @@
 //! telemesh commands the CLI accepts; the units are hardened and their state directory is
 //! the data_dir of the sample configs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::fake_certs;
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
-}
-
-/// Fake certificate files, so that configs naming /etc/telemesh/certs validate.
-fn certs() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for name in [
-        "ca",
-        "node-a",
-        "node-b",
-        "site-a-gw-1",
-        "site-b-gw-1",
-        "analytics",
-    ] {
-        for ext in ["pem", "key"] {
-            std::fs::write(dir.path().join(format!("{name}.{ext}")), "").unwrap();
-        }
-    }
-    dir
 }
 
 /// Checks a telemesh command line: the subcommand exists and takes every `--flag` given.
@@ -77,7 +62,7 @@ fn strs(y: &Yaml) -> Vec<String> {
 
 #[test]
 fn kubernetes_manifests_parse_and_run_valid_commands() {
-    let certs = certs();
+    let certs = fake_certs();
     let mut workloads = 0;
     let mut kinds = Vec::new();
     for entry in std::fs::read_dir(deploy().join("k8s")).unwrap() {

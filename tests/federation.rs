@@ -22,14 +22,6 @@ use telemesh_proto::Start;
 const SITES: [&str; 3] = ["a", "b", "c"];
 const WAVE: u64 = 1_500;
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// node.toml of site `me`: its agent may publish, the other nodes may replicate, it pulls
 /// `#` from each upstream address given.
 fn node_config(dir: &Path, me: &str, port: u16, upstreams: &[(String, &str)]) -> PathBuf {

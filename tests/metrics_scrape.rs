@@ -59,11 +59,7 @@ fn edge_and_node_scrapes_hold_the_slis() {
     )
     .unwrap();
     let c = d.join("certs");
-    let node_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let node_port = free_udp_port();
     let (node_http, edge_http, durable_port) = (free_port(), free_port(), free_port());
     let node_cfg = d.join("node.toml");
     std::fs::write(

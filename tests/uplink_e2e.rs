@@ -15,14 +15,6 @@ use telemesh_mesh::log::{inspect as inspect_log, Record};
 
 const NODE_MAP: u64 = 256 << 20;
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn node_config(dir: &Path, port: u16) -> std::path::PathBuf {
     let c = dir.join("certs");
     let path = dir.join("node.toml");

@@ -54,6 +54,19 @@ fn config(
     NodeConfig::from_toml(&t).unwrap()
 }
 
+/// Starts a node with [`config`].
+async fn start(
+    dir: &Path,
+    id: &str,
+    port: u16,
+    peers: &[&str],
+    replicate: &[(u16, &str, &str)],
+) -> Node {
+    Node::start(config(dir, id, port, peers, replicate))
+        .await
+        .unwrap()
+}
+
 fn setup(nodes: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
@@ -143,24 +156,22 @@ async fn a_cycle_of_three_stores_every_event_once_and_sends_nothing_back() {
         listen: "127.0.0.1:0".parse().unwrap(),
     });
     let a = Node::start(a_cfg).await.unwrap();
-    let b = Node::start(config(
+    let b = start(
         dir.path(),
         "node-b",
         pb,
         &["node-a"],
         &[(pc, "node-c", "[\"#\"]")],
-    ))
-    .await
-    .unwrap();
-    let c = Node::start(config(
+    )
+    .await;
+    let c = start(
         dir.path(),
         "node-c",
         pc,
         &["node-b"],
         &[(pa, "node-a", "[\"#\"]")],
-    ))
-    .await
-    .unwrap();
+    )
+    .await;
     let homes = [
         (&a, "gw-a", "site-a"),
         (&b, "gw-b", "site-b"),
@@ -240,24 +251,22 @@ async fn a_cycle_of_three_stores_every_event_once_and_sends_nothing_back() {
 async fn filtered_replication_records_not_selected_ranges_both_ways() {
     let dir = setup(&["node-a", "node-b"]);
     let (pa, pb) = (free_port(), free_port());
-    let a = Node::start(config(
+    let a = start(
         dir.path(),
         "node-a",
         pa,
         &["node-b"],
         &[(pb, "node-b", "[\"site-b/1\"]")],
-    ))
-    .await
-    .unwrap();
-    let b = Node::start(config(
+    )
+    .await;
+    let b = start(
         dir.path(),
         "node-b",
         pb,
         &["node-a"],
         &[(pa, "node-a", "[\"#\"]")],
-    ))
-    .await
-    .unwrap();
+    )
+    .await;
     a.log()
         .ingest("gw-a".into(), 1, events("site-a", 1, 301), vec![])
         .await
@@ -356,22 +365,12 @@ async fn a_node_without_peer_access_is_refused_and_gets_nothing() {
     let dir = setup(&["node-a", "node-b"]);
     let (pa, pb) = (free_port(), free_port());
     // A grants node-b no peer role.
-    let a = Node::start(config(dir.path(), "node-a", pa, &[], &[]))
-        .await
-        .unwrap();
+    let a = start(dir.path(), "node-a", pa, &[], &[]).await;
     a.log()
         .ingest("gw".into(), 1, events("site-a", 1, 11), vec![])
         .await
         .unwrap();
-    let b = Node::start(config(
-        dir.path(),
-        "node-b",
-        pb,
-        &[],
-        &[(pa, "node-a", "[\"#\"]")],
-    ))
-    .await
-    .unwrap();
+    let b = start(dir.path(), "node-b", pb, &[], &[(pa, "node-a", "[\"#\"]")]).await;
     let u = b.upstreams()[0].clone();
     // Each refused attempt is counted; wait for two (the second after a backoff).
     until_upstream(&u, "two refusals", |u| u.errors.load(Relaxed) >= 2).await;
@@ -386,9 +385,7 @@ async fn a_node_without_peer_access_is_refused_and_gets_nothing() {
 async fn records_deleted_upstream_before_they_were_pulled_are_recorded_as_lost() {
     let dir = setup(&["node-a", "node-b"]);
     let (pa, pb) = (free_port(), free_port());
-    let a = Node::start(config(dir.path(), "node-a", pa, &["node-b"], &[]))
-        .await
-        .unwrap();
+    let a = start(dir.path(), "node-a", pa, &["node-b"], &[]).await;
     a.log()
         .ingest("gw".into(), 1, events("site-a", 1, 101), vec![])
         .await
@@ -443,9 +440,7 @@ fn postcard_len(rec: &Record) -> u64 {
 async fn lag_in_seconds_keeps_growing_while_the_upstream_is_unreachable() {
     let dir = setup(&["node-a", "node-b"]);
     let (pa, pb) = (free_port(), free_port());
-    let a = Node::start(config(dir.path(), "node-a", pa, &["node-b"], &[]))
-        .await
-        .unwrap();
+    let a = start(dir.path(), "node-a", pa, &["node-b"], &[]).await;
     a.log()
         .ingest("gw".into(), 1, events("site-a", 1, 11), vec![])
         .await
@@ -454,15 +449,7 @@ async fn lag_in_seconds_keeps_growing_while_the_upstream_is_unreachable() {
         Record::Event { ingest_us, .. } => *ingest_us,
         other => panic!("{other:?}"),
     };
-    let b = Node::start(config(
-        dir.path(),
-        "node-b",
-        pb,
-        &[],
-        &[(pa, "node-a", "[\"#\"]")],
-    ))
-    .await
-    .unwrap();
+    let b = start(dir.path(), "node-b", pb, &[], &[(pa, "node-a", "[\"#\"]")]).await;
     let u = b.upstreams()[0].clone();
     until_upstream(&u, "the events", |u| u.events.load(Relaxed) == 10).await;
     a.shutdown().await;

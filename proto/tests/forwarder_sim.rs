@@ -7,26 +7,13 @@
 //! At the end every event not evicted is in the node's log exactly once, and every gap
 //! record arrived. `SIM_SEED=n cargo test --test forwarder_sim` replays one seed.
 
+mod common;
+
+use common::Rng;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use telemesh_proto::forwarder::{BufferedGap, Forwarder, ForwarderConfig};
 use telemesh_proto::{Event, Frame, Gap, GapKind, GapReason};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// The edge's durable buffer.
 #[derive(Default)]

@@ -16,28 +16,15 @@
 //!
 //! `SIM_SEED=n cargo test -p telemesh-proto --test replication_sim` replays one seed.
 
+mod common;
+
+use common::Rng;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use telemesh_proto::replication::{
     Apply, Hop, PeerRound, Replicated, ReplicatedItem, Replicator, Step, UpstreamCursor,
 };
 use telemesh_proto::{Event, Frame, Gap, GapKind, GapReason, RangeSet, Start};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 const TOPICS: [&str; 3] = ["a/1", "b/2", "c/3"];
 const FILTERS: [&[&str]; 4] = [&["#"], &["a/#"], &["a/#", "b/+"], &["c/3"]];

@@ -21,6 +21,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Empty files named like the certificates the deploy/ configs name (`/etc/telemesh/certs`),
+/// so that those configs validate.
+pub fn fake_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "ca",
+        "node-a",
+        "node-b",
+        "site-a-gw-1",
+        "site-b-gw-1",
+        "analytics",
+    ] {
+        for ext in ["pem", "key"] {
+            std::fs::write(dir.path().join(format!("{name}.{ext}")), "").unwrap();
+        }
+    }
+    dir
+}
+
 /// Writes an edge.toml for agent `gw-crash` on `port`; `extra_mqtt` is appended to `[mqtt]`
 /// (and may open further sections).
 pub fn write_config(dir: &Path, port: u16, extra_mqtt: &str) -> PathBuf {
