@@ -77,6 +77,7 @@ fn main() {
                 backoff_max: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(2),
                 failback_interval: Duration::from_secs(10),
+                ack_timeout: Duration::from_secs(5),
             };
             let id = Identity::load(&c.join(format!("{g}.pem")), &c.join(format!("{g}.key"))).unwrap();
             let source = BufferSource::new(b.reader(), b.handle(), b.commits());

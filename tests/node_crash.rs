@@ -69,6 +69,7 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
         backoff_max: Duration::from_millis(100),
         connect_timeout: Duration::from_millis(500),
         failback_interval: Duration::from_secs(10),
+        ack_timeout: Duration::from_secs(5),
     };
     let up = RunningUplink::start("gw-1", opts, &c, "gw-1", &buffer);
     let reader = buffer.reader();

@@ -68,6 +68,7 @@ fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
         backoff_max: Duration::from_millis(200),
         connect_timeout: Duration::from_secs(2),
         failback_interval: Duration::from_millis(200),
+        ack_timeout: Duration::from_secs(1),
     }
 }
 
@@ -97,10 +98,17 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     append(&buffer, 0, 2_000);
     wait("the first events at the node", 30, || stored() >= 500).await;
 
-    // Cut the path; keep appending; heal once the relay has dropped a good number of packets.
+    // Cut the path; keep appending; heal once the relay has dropped a good number of packets
+    // and the uplink, seeing no acknowledgement within its ack timeout (1 s here, against
+    // QUIC's 30 s idle timeout), has given the connection up.
     relay.set_cut(true);
     append(&buffer, 2_000, 4_000);
+    let reconnects = up.metrics.reconnects.load(Relaxed);
     wait("packets dropped by the cut", 30, || relay.dropped() >= 20).await;
+    wait("the ack timeout to end the connection", 10, || {
+        up.metrics.reconnects.load(Relaxed) > reconnects
+    })
+    .await;
     let during = stored();
     relay.set_cut(false);
     wait("every event at the node", 60, || stored() >= 4_000).await;

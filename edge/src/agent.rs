@@ -253,6 +253,7 @@ impl Agent {
                     backoff_max: u.backoff_max,
                     connect_timeout: u.connect_timeout,
                     failback_interval: u.failback_interval,
+                    ack_timeout: u.ack_timeout,
                 };
                 let source = crate::uplink::BufferSource::new(
                     buffer.reader(),

@@ -67,10 +67,18 @@ pub struct UplinkSection {
     /// again, and go back to it.
     #[serde(with = "humantime_serde", default = "default_failback")]
     pub failback_interval: Duration,
+    /// With batches in flight, the longest wait for the next acknowledgement before the
+    /// connection is made anew.
+    #[serde(with = "humantime_serde", default = "default_ack_timeout")]
+    pub ack_timeout: Duration,
 }
 
 fn default_failback() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_uplink_connect() -> Duration {
@@ -386,6 +394,9 @@ impl EdgeConfig {
             if u.failback_interval.is_zero() {
                 return Err(invalid("uplink.failback_interval", "must be above 0"));
             }
+            if u.ack_timeout.is_zero() {
+                return Err(invalid("uplink.ack_timeout", "must be above 0"));
+            }
             if u.connect_timeout.is_zero() {
                 return Err(invalid("uplink.connect_timeout", "must be above 0"));
             }
@@ -479,6 +490,7 @@ sync_interval = "100ms"
 # connect_timeout = "2s"           # a node that is down is given up on after this
 # linger = "0ms"                   # how long a batch that is not full may wait to fill
 # failback_interval = "10s"        # on a later node, how often to check the first again
+# ack_timeout = "5s"               # batches in flight and no ack for this long: reconnect
 
 [metrics]
 listen = "127.0.0.1:9401"          # GET /metrics (Prometheus text), GET /healthz

@@ -143,7 +143,7 @@ fn edge_config(
          [durable]\nlisten = \"{durable}\"\n\
          [buffer]\nmax_bytes = \"256MiB\"\nmap_size = \"512MiB\"\n\
          [uplink]\nnodes = [\"{uplink}\"]\nserver_name = \"node-{me}\"\nca = \"{c}/ca.pem\"\n\
-         cert = \"{c}/site-{me}-gw.pem\"\nkey = \"{c}/site-{me}-gw.key\"\nbackoff_max = \"250ms\"\n",
+         cert = \"{c}/site-{me}-gw.pem\"\nkey = \"{c}/site-{me}-gw.key\"\nbackoff_max = \"250ms\"\nack_timeout = \"1s\"\n",
         d = dir.display(),
         c = c.display(),
         mqtt = free_tcp()?,

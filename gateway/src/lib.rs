@@ -55,6 +55,10 @@ pub struct UplinkOptions {
     /// While connected to another node than the first, how often to check whether the first
     /// answers again (and go back to it when it does).
     pub failback_interval: Duration,
+    /// With batches in flight, the longest wait for the next acknowledgement before the
+    /// connection is given up and made anew (a path that drops everything is noticed this
+    /// fast, instead of after QUIC's backed-off retransmissions or its idle timeout).
+    pub ack_timeout: Duration,
 }
 
 /// Re-exported so callers name the same rustls as the mesh.
@@ -127,6 +131,9 @@ pub enum SessionError {
     /// The first node answers again: going back to it.
     #[error("the first node answers again")]
     FailBack,
+    /// Batches were in flight and no acknowledgement came within the ack timeout.
+    #[error("no acknowledgement within {0:?}")]
+    AckTimeout(Duration),
 }
 
 async fn resolve(node: &str) -> Result<(SocketAddr, String), SessionError> {
@@ -310,6 +317,8 @@ async fn session<S: Source>(
     let mut changes = source.changes();
     let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
     let mut next_probe = tokio::time::Instant::now() + opts.failback_interval;
+    // When the oldest unacknowledged batch started waiting (reset by every ack).
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     loop {
         while let Some(req) = fwd.wants_read() {
             let events = source
@@ -327,6 +336,12 @@ async fn session<S: Source>(
             }
             metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
         }
+        if fwd.in_flight() == 0 {
+            waiting_since = None;
+        } else if waiting_since.is_none() {
+            waiting_since = Some(tokio::time::Instant::now());
+        }
+        let ack_deadline = waiting_since.map(|t| t + opts.ack_timeout);
         tokio::select! {
             frame = reader.next() => match frame? {
                 Some(Frame::Ack { id, rejected }) => {
@@ -336,6 +351,7 @@ async fn session<S: Source>(
                     fwd.on_ack(id)?;
                     metrics.batches_acked.fetch_add(1, Relaxed);
                     metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
+                    waiting_since = None;
                     if let Some(t) = fwd.poll_trim() {
                         source.trim(t).await.map_err(SessionError::Source)?;
                     }
@@ -360,6 +376,10 @@ async fn session<S: Source>(
                     return Err(SessionError::FailBack);
                 }
                 next_probe = tokio::time::Instant::now() + opts.failback_interval;
+            }
+            _ = tokio::time::sleep_until(ack_deadline.unwrap_or(next_probe)), if ack_deadline.is_some() => {
+                conn.close(0u32.into(), b"no acknowledgement");
+                return Err(SessionError::AckTimeout(opts.ack_timeout));
             }
             _ = shutdown.changed() => {
                 conn.close(0u32.into(), b"agent stopping");
