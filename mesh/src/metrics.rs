@@ -241,6 +241,18 @@ impl Collector for NodeCollector {
             "Edge receive to delivery to a consumer, per event",
         )?;
         self.encode_upstreams(&mut enc)?;
+        let errors = m.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let mut fam = enc.encode_descriptor(
+            "telemesh_node_errors",
+            "Errors sent (refusals, closes, refused batches and events), by code",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (code, n) in errors {
+            let code = telemesh_proto::ErrorCode(code);
+            let labels = vec![("code", code.name().to_owned())];
+            ConstCounter::new(n).encode(fam.encode_family(&labels)?)?;
+        }
         let committed = *self.log.committed().borrow();
         let g = ConstGauge::new(committed as i64);
         g.encode(enc.encode_descriptor(

@@ -53,6 +53,20 @@ pub struct NodeMetrics {
     pub ingest_latency: crate::metrics::Latency,
     /// Edge receive to delivery to a consumer, per event.
     pub delivery_latency: crate::metrics::Latency,
+    /// Errors sent (refusals, closes, refused batches and events) by code.
+    pub errors: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl NodeMetrics {
+    /// Counts `n` errors with `code`.
+    pub fn count_error(&self, code: ErrorCode, n: u64) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(code.0)
+            .or_default() += n;
+    }
 }
 
 /// Errors starting a node.
@@ -298,6 +312,7 @@ fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 /// A malformed or unexpected frame: counted, logged, and the connection closed with `code`.
 fn protocol_error(ctx: &Ctx, conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+    ctx.metrics.count_error(code, 1);
     warn!(%code, %reason, "protocol error: closing the connection");
     close(conn, code, reason);
 }
@@ -310,6 +325,7 @@ async fn reject(
     reason: String,
 ) {
     ctx.metrics.refused.fetch_add(1, Relaxed);
+    ctx.metrics.count_error(code, 1);
     warn!(%code, %reason, "connection refused");
     let _ = write_frame(
         send,
@@ -327,6 +343,7 @@ async fn reject(
 async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
     let Some(identity) = tls::peer_identity(&conn) else {
         ctx.metrics.refused.fetch_add(1, Relaxed);
+        ctx.metrics.count_error(ErrorCode::UNKNOWN_IDENTITY, 1);
         close(
             &conn,
             ErrorCode::UNKNOWN_IDENTITY,
@@ -524,6 +541,9 @@ async fn uplink(
         ctx.metrics
             .events_rejected
             .fetch_add(rejected.len() as u64, Relaxed);
+        for r in &rejected {
+            ctx.metrics.count_error(r.code, 1);
+        }
         let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -590,19 +610,22 @@ async fn acker(
                 Err(e) => {
                     metrics.batches_refused.fetch_add(1, Relaxed);
                     let full = matches!(&e, crate::log::LogError::Writer(w) if w == crate::log::STORAGE_FULL);
+                    let code = if full {
+                        ErrorCode::STORAGE_FULL
+                    } else {
+                        ErrorCode::STORAGE_FAILED
+                    };
+                    metrics.count_error(code, 1);
                     Frame::BatchRefused {
                         id,
-                        code: if full {
-                            ErrorCode::STORAGE_FULL
-                        } else {
-                            ErrorCode::STORAGE_FAILED
-                        },
+                        code,
                         reason: e.to_string(),
                     }
                 }
             },
             AckItem::Refused(id, code, reason) => {
                 metrics.batches_refused.fetch_add(1, Relaxed);
+                metrics.count_error(code, 1);
                 Frame::BatchRefused { id, code, reason }
             }
         };
@@ -629,12 +652,8 @@ impl Drop for DurableGuard<'_> {
 }
 
 /// Refuses a subscription: the error ends its stream; the connection stays for others.
-async fn send_error(
-    send: &mut quinn::SendStream,
-    _conn: &quinn::Connection,
-    code: ErrorCode,
-    reason: String,
-) {
+async fn send_error(send: &mut quinn::SendStream, ctx: &Ctx, code: ErrorCode, reason: String) {
+    ctx.metrics.count_error(code, 1);
     warn!(%code, %reason, "subscription refused");
     let _ = write_frame(send, &Frame::Error { code, reason }).await;
     let _ = send.finish();
@@ -730,7 +749,7 @@ async fn consumer(
     if filters.is_empty() {
         return send_error(
             &mut send,
-            &conn,
+            &ctx,
             ErrorCode::INVALID_FILTER,
             "no filter".into(),
         )
@@ -740,7 +759,7 @@ async fn consumer(
         if let Err(e) = validate_filter(f) {
             return send_error(
                 &mut send,
-                &conn,
+                &ctx,
                 ErrorCode::INVALID_FILTER,
                 format!("{f:?}: {e}"),
             )
@@ -753,7 +772,7 @@ async fn consumer(
         if !allowed {
             return send_error(
                 &mut send,
-                &conn,
+                &ctx,
                 ErrorCode::READ_DENIED,
                 format!("{f:?} is outside what {identity} may read"),
             )
@@ -773,7 +792,7 @@ async fn consumer(
     if stored.as_ref().is_some_and(|c| c.filters != filters) {
         return send_error(
             &mut send,
-            &conn,
+            &ctx,
             ErrorCode::DURABLE_FILTERS_DIFFER,
             "the durable name has other filters".into(),
         )
@@ -789,7 +808,7 @@ async fn consumer(
         if !fresh {
             return send_error(
                 &mut send,
-                &conn,
+                &ctx,
                 ErrorCode::DURABLE_IN_USE,
                 "the durable name is in use".into(),
             )
@@ -815,7 +834,7 @@ async fn consumer(
         if ctx.log.put_cursor(k.clone(), cursor).await.is_err() {
             return send_error(
                 &mut send,
-                &conn,
+                &ctx,
                 ErrorCode::STORAGE_FAILED,
                 "cannot store the cursor".into(),
             )

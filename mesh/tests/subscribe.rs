@@ -317,6 +317,11 @@ async fn metrics_show_completeness_and_consumer_lag_and_healthz_answers() {
         sub.ack(e.node_seq).await.unwrap();
     }
     sub.finish().await.unwrap();
+    // A refused subscription is counted by its code.
+    assert!(client
+        .subscribe(SubscribeOptions::new(vec!["site-b/#".into()]))
+        .await
+        .is_err());
     let addr = node.metrics_addr().unwrap();
     let text = http_get(addr, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -326,6 +331,7 @@ async fn metrics_show_completeness_and_consumer_lag_and_healthz_answers() {
         "telemesh_origin_lost_events{origin=\"gw\",epoch=\"4\"} 10",
         "telemesh_consumer_lag_events{identity=\"analytics\",name=\"m\"} 30",
         "# TYPE telemesh_node_delivered counter",
+        "telemesh_node_errors_total{code=\"read_denied\"} 1",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
