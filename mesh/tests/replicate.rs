@@ -11,12 +11,13 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use telemesh_mesh::client::{Client, ClientConfig};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::{NodeLog, Record};
 use telemesh_mesh::node::Node;
 use telemesh_mesh::pki::write_mesh;
 use telemesh_mesh::replica::UpstreamState;
-use telemesh_proto::Event;
+use telemesh_proto::{Event, Frame};
 
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -41,6 +42,7 @@ fn config(
         d = dir.display(),
         c = c.display()
     );
+    t.push_str("[[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\n");
     for p in peers {
         t.push_str(&format!(
             "[[access]]\nidentity = \"{p}\"\nrole = \"peer\"\n"
@@ -70,7 +72,13 @@ async fn start(
 fn setup(nodes: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
-    write_mesh(&dir.path().join("certs"), &names, &[], &[]).unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &names,
+        &[],
+        &["analytics".into()],
+    )
+    .unwrap();
     dir
 }
 
@@ -298,6 +306,35 @@ async fn filtered_replication_records_not_selected_ranges_both_ways() {
     // B's events that came from A are not sent back to A.
     assert_eq!(a.upstreams()[0].duplicates.load(Relaxed), 0);
     assert_eq!(b.upstreams()[0].duplicates.load(Relaxed), 0);
+    // What `telemesh status` shows: the upstream and the not-selected ranges.
+    let c = dir.path().join("certs");
+    let client = Client::connect(&ClientConfig {
+        node: a.local_addr().to_string(),
+        server_name: Some("node-a".into()),
+        ca: c.join("ca.pem"),
+        cert: c.join("analytics.pem"),
+        key: c.join("analytics.key"),
+    })
+    .await
+    .unwrap();
+    let Frame::Status {
+        upstreams, origins, ..
+    } = client.status().await.unwrap()
+    else {
+        panic!("not a status")
+    };
+    client.close().await;
+    assert_eq!(upstreams.len(), 1);
+    assert_eq!(upstreams[0].from, format!("127.0.0.1:{pb}"));
+    assert_eq!(upstreams[0].node_id, "node-b");
+    assert!(upstreams[0].connected);
+    assert_eq!(upstreams[0].behind, 0);
+    let gwb = origins.iter().find(|o| o.origin == "gw-b").unwrap();
+    assert_eq!(
+        gwb.not_selected.len(),
+        100,
+        "seqs 2-3, 5-6, …: one range each"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }
