@@ -106,6 +106,9 @@ pub struct Retention {
     /// How often retention runs.
     #[serde(with = "humantime_serde")]
     pub interval: std::time::Duration,
+    /// A durable consumer not connected for this long is deleted (its name starts afresh).
+    #[serde(with = "humantime_serde")]
+    pub consumer_ttl: std::time::Duration,
 }
 
 impl Default for Retention {
@@ -114,6 +117,7 @@ impl Default for Retention {
             max_age: std::time::Duration::from_secs(7 * 24 * 3600),
             max_bytes: None,
             interval: std::time::Duration::from_secs(1),
+            consumer_ttl: std::time::Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -370,6 +374,7 @@ max_frame_bytes = "16MiB"          # largest frame accepted
 max_age = "7d"                     # records older than this (ingest time) are deleted
 max_bytes = "50GiB"                # oldest first, to stay under this; at most 80% of map_size
 interval = "1s"                    # how often retention runs (in chunks, never stalling ingest)
+consumer_ttl = "7d"                # a durable consumer away this long is deleted
 
 [metrics]
 listen = "127.0.0.1:9402"          # GET /metrics (Prometheus text), GET /healthz

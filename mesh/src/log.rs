@@ -197,6 +197,16 @@ enum Cmd {
         cursor: Cursor,
         reply: Option<oneshot::Sender<Result<(), String>>>,
     },
+    /// Mark a durable consumer as seen now (when its connection ends).
+    Touch {
+        key: Vec<u8>,
+    },
+    /// Delete durable consumers last seen before `before_us`, except those in `keep`.
+    Expire {
+        before_us: u64,
+        keep: HashSet<Vec<u8>>,
+        reply: oneshot::Sender<Result<Vec<Vec<u8>>, String>>,
+    },
     /// Delete the oldest records: those ingested before `min_ingest_us`, and as many more as
     /// needed to bring the log to `max_bytes`; at most `chunk` records per transaction.
     Retain {
@@ -244,6 +254,9 @@ pub struct Cursor {
     pub filters: Vec<String>,
     /// The last node seq acknowledged (0: nothing yet).
     pub acked: u64,
+    /// When the consumer was last connected (µs since the Unix epoch): `consumer_ttl`
+    /// counts from here.
+    pub seen_us: u64,
 }
 
 /// The key of a durable consumer: its identity and name.
@@ -533,6 +546,32 @@ impl NodeLog {
             .map_err(LogError::Writer)
     }
 
+    /// Marks a durable consumer as seen now, without waiting (for a connection's end).
+    pub fn touch_cursor(&self, key: Vec<u8>) {
+        let _ = self.tx.try_send(Cmd::Touch { key });
+    }
+
+    /// Deletes the durable consumers last seen before `before_us`, except those in `keep`
+    /// (connected now); returns the keys deleted.
+    pub async fn expire_cursors(
+        &self,
+        before_us: u64,
+        keep: HashSet<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, LogError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Expire {
+                before_us,
+                keep,
+                reply,
+            })
+            .await
+            .map_err(|_| LogError::Writer("stopped".into()))?;
+        rx.await
+            .map_err(|_| LogError::Writer("stopped".into()))?
+            .map_err(LogError::Writer)
+    }
+
     /// A durable consumer's stored cursor.
     pub fn cursor(&self, key: &[u8]) -> Result<Option<Cursor>, LogError> {
         let rtxn = self.shared.env.read_txn()?;
@@ -746,6 +785,7 @@ impl Writer {
         let mut cursors = Vec::new();
         let mut replicas = Vec::new();
         let mut replica_replies = Vec::new();
+        let mut touches: Vec<Vec<u8>> = Vec::new();
         for c in group {
             match c {
                 Cmd::Ingest {
@@ -760,6 +800,15 @@ impl Writer {
                     replies.push(reply);
                 }
                 Cmd::Cursor { key, cursor, reply } => cursors.push((key, cursor, reply)),
+                Cmd::Touch { key } => touches.push(key),
+                Cmd::Expire {
+                    before_us,
+                    keep,
+                    reply,
+                } => {
+                    let r = self.expire(before_us, &keep);
+                    let _ = reply.send(r);
+                }
                 Cmd::Replica(batch, reply) => {
                     replicas.push(batch);
                     replica_replies.push(reply);
@@ -776,7 +825,7 @@ impl Writer {
                 Cmd::Stop => {}
             }
         }
-        if batches.is_empty() && cursors.is_empty() && replicas.is_empty() {
+        if batches.is_empty() && cursors.is_empty() && replicas.is_empty() && touches.is_empty() {
             return;
         }
         if let Some(f) = &self.failed {
@@ -806,6 +855,17 @@ impl Writer {
             }
             for (key, cursor, _) in &cursors {
                 shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
+            }
+            let now = now_us();
+            for key in &touches {
+                let cursor: Option<Cursor> = shared
+                    .cursors
+                    .get(&wtxn, key)?
+                    .and_then(|b| postcard::from_bytes(b).ok());
+                if let Some(mut c) = cursor {
+                    c.seen_us = now;
+                    shared.cursors.put(&mut wtxn, key, &encode(&c))?;
+                }
             }
             for key in &dirty {
                 if let Some(set) = self.held.get(key) {
@@ -869,6 +929,33 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Deletes durable consumers last seen before `before_us`, except `keep`.
+    fn expire(&mut self, before_us: u64, keep: &HashSet<Vec<u8>>) -> Result<Vec<Vec<u8>>, String> {
+        if let Some(f) = &self.failed {
+            return Err(f.clone());
+        }
+        let shared = self.shared.clone();
+        (|| -> Result<Vec<Vec<u8>>, heed::Error> {
+            let mut wtxn = shared.env.write_txn()?;
+            let mut old = Vec::new();
+            for item in shared.cursors.iter(&wtxn)? {
+                let (k, v) = item?;
+                let seen = postcard::from_bytes::<Cursor>(v).map_or(0, |c| c.seen_us);
+                if seen < before_us && !keep.contains(k) {
+                    old.push(k.to_vec());
+                }
+            }
+            for k in &old {
+                shared.cursors.delete(&mut wtxn, k)?;
+            }
+            if !old.is_empty() {
+                wtxn.commit()?;
+            }
+            Ok(old)
+        })()
+        .map_err(|e| e.to_string())
     }
 
     /// One retention transaction (see [`NodeLog::retain`]).

@@ -240,6 +240,12 @@ impl Collector for NodeCollector {
             "telemesh_node_delivery_latency_seconds",
             "Edge receive to delivery to a consumer, per event",
         )?;
+        counter(
+            &mut enc,
+            "telemesh_node_consumers_expired",
+            "Durable consumers deleted after consumer_ttl away",
+            m.consumers_expired.load(Relaxed),
+        )?;
         self.encode_upstreams(&mut enc)?;
         let errors = m.errors.lock().map(|e| e.clone()).unwrap_or_default();
         let mut fam = enc.encode_descriptor(

@@ -49,6 +49,8 @@ pub struct NodeMetrics {
     pub delivered: AtomicU64,
     /// Events sent to replicating peers.
     pub replicated_out: AtomicU64,
+    /// Durable consumers deleted after `consumer_ttl` away.
+    pub consumers_expired: AtomicU64,
     /// Edge receive (the event's `ts_us`) to this node's commit, per event from an uplink.
     pub ingest_latency: crate::metrics::Latency,
     /// Edge receive to delivery to a consumer, per event.
@@ -183,6 +185,7 @@ impl Node {
         let retention = cfg.retention.clone();
         let retention_bytes = cfg.retention_max_bytes();
         let rlog = log.clone();
+        let rctx = ctx.clone();
         let retention_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(retention.interval);
             loop {
@@ -196,6 +199,23 @@ impl Node {
                     Ok(0) => {}
                     Ok(n) => debug!(deleted = n, "retention"),
                     Err(e) => warn!(error = %e, "retention failed"),
+                }
+                // Durable consumers away longer than consumer_ttl expire (connected ones stay).
+                let keep = rctx
+                    .active_durables
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let before = now.saturating_sub(retention.consumer_ttl.as_micros() as u64);
+                match rlog.expire_cursors(before, keep).await {
+                    Ok(gone) => {
+                        for k in gone {
+                            let name = String::from_utf8_lossy(&k).replace('\0', "/");
+                            info!(consumer = %name, "durable consumer expired (consumer_ttl)");
+                            rctx.metrics.consumers_expired.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "consumer expiry failed"),
                 }
             }
         });
@@ -647,6 +667,8 @@ impl Drop for DurableGuard<'_> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&k);
+            // consumer_ttl counts from the end of the last connection.
+            self.0.log.touch_cursor(k);
         }
     }
 }
@@ -830,6 +852,7 @@ async fn consumer(
         let cursor = crate::log::Cursor {
             filters: filters.clone(),
             acked: from - 1,
+            seen_us: crate::log::now_us(),
         };
         if ctx.log.put_cursor(k.clone(), cursor).await.is_err() {
             return send_error(
@@ -977,7 +1000,7 @@ async fn consumer(
                 Ok(Some(Frame::Credit { events })) => credit = credit.saturating_add(u64::from(events)),
                 Ok(Some(Frame::ConsumerAck { through })) => {
                     if let Some(k) = &key {
-                        let cursor = crate::log::Cursor { filters: filters.clone(), acked: through.min(from - 1) };
+                        let cursor = crate::log::Cursor { filters: filters.clone(), acked: through.min(from - 1), seen_us: crate::log::now_us() };
                         if ctx.log.put_cursor(k.clone(), cursor).await.is_err() {
                             break;
                         }

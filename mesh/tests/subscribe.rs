@@ -351,3 +351,63 @@ async fn metrics_show_completeness_and_consumer_lag_and_healthz_answers() {
     client.close().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumer_away_longer_than_consumer_ttl_expires_and_a_connected_one_stays() {
+    let dir = setup();
+    let mut cfg = node_config(dir.path());
+    cfg.retention.consumer_ttl = std::time::Duration::from_millis(200);
+    cfg.retention.interval = std::time::Duration::from_millis(20);
+    let node = Node::start(cfg).await.unwrap();
+    node.log()
+        .ingest("gw".into(), 1, events(1, 31), vec![])
+        .await
+        .unwrap();
+    let client = Client::connect(&client_config(dir.path(), &node))
+        .await
+        .unwrap();
+    let durable = |name: &str| {
+        SubscribeOptions::new(vec!["site-a/#".into()])
+            .start(Start::Earliest)
+            .durable(name)
+    };
+    // "stays" remains connected; "goes" acknowledges and leaves.
+    let stays = client.subscribe(durable("stays")).await.unwrap();
+    let mut goes = client.subscribe(durable("goes")).await.unwrap();
+    let Some(Item::Event(e)) = goes.next().await.unwrap() else {
+        panic!("an event")
+    };
+    goes.ack(e.node_seq).await.unwrap();
+    goes.finish().await.unwrap();
+    let names = || -> Vec<String> {
+        node.log()
+            .completeness()
+            .unwrap()
+            .consumers
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while names().contains(&"goes".to_string()) {
+        assert!(tokio::time::Instant::now() < deadline, "goes never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Older than the expired one, but connected: kept.
+    assert_eq!(names(), vec!["stays".to_string()]);
+    assert_eq!(
+        node.metrics()
+            .consumers_expired
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The expired name starts afresh: from its start, not after its old ack.
+    let mut again = client.subscribe(durable("goes")).await.unwrap();
+    let Some(Item::Event(first)) = again.next().await.unwrap() else {
+        panic!("an event")
+    };
+    assert_eq!(first.node_seq, 1, "a new cursor from earliest");
+    drop(stays);
+    client.close().await;
+    node.shutdown().await;
+}
