@@ -78,6 +78,8 @@ fn main() {
                 connect_timeout: Duration::from_secs(2),
                 failback_interval: Duration::from_secs(10),
                 ack_timeout: Duration::from_secs(5),
+                compression: telemesh_proto::frame::Compression::None,
+                max_bandwidth: None,
             };
             let id = Identity::load(&c.join(format!("{g}.pem")), &c.join(format!("{g}.key"))).unwrap();
             let source = BufferSource::new(b.reader(), b.handle(), b.commits());

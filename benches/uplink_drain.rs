@@ -102,6 +102,8 @@ fn main() {
             connect_timeout: Duration::from_millis(if full { 2_000 } else { 300 }),
             failback_interval: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(5),
+            compression: telemesh_proto::frame::Compression::None,
+            max_bandwidth: None,
         };
         let identity = Identity::load(&dir.path().join("certs/gw-bench.pem"), &dir.path().join("certs/gw-bench.key")).unwrap();
         let source = BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits());

@@ -70,6 +70,8 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
         connect_timeout: Duration::from_millis(500),
         failback_interval: Duration::from_secs(10),
         ack_timeout: Duration::from_secs(5),
+        compression: telemesh_proto::frame::Compression::None,
+        max_bandwidth: None,
     };
     let up = RunningUplink::start("gw-1", opts, &c, "gw-1", &buffer);
     let reader = buffer.reader();

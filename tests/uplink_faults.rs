@@ -69,6 +69,8 @@ fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
         connect_timeout: Duration::from_secs(2),
         failback_interval: Duration::from_millis(200),
         ack_timeout: Duration::from_secs(1),
+        compression: telemesh_proto::frame::Compression::None,
+        max_bandwidth: None,
     }
 }
 
@@ -397,4 +399,82 @@ async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
     client.close().await;
     up.stop().await;
     node.shutdown().await;
+}
+
+/// Drains 3,000 telemetry-like events through an uplink with `compression` and `cap`;
+/// returns the frame bytes written and how long the drain took.
+async fn drain_with(
+    compression: telemesh_proto::frame::Compression,
+    cap: Option<u64>,
+) -> (u64, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &[],
+    )
+    .unwrap();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 32 << 20);
+    let h = buffer.handle();
+    for n in 0..3_000u64 {
+        h.append(Incoming {
+            topic: format!("site/line{}/temp", n % 8),
+            payload: format!(
+                "{{\"n\":{n},\"celsius\":{}.{},\"ok\":true}}",
+                20 + n % 5,
+                n % 10
+            )
+            .into_bytes(),
+            ts_us: n,
+            qos: 1,
+            headers: None,
+        })
+        .unwrap();
+    }
+    let mut opts = options(dir.path(), vec![node.local_addr().to_string()]);
+    opts.compression = compression;
+    opts.max_bandwidth = cap;
+    let t = Instant::now();
+    let up = RunningUplink::start("gw-1", opts, &dir.path().join("certs"), "gw-1", &buffer);
+    let stored = || node.log().read(1, usize::MAX).unwrap().len();
+    wait("every event at the node", 60, || stored() >= 3_000).await;
+    let took = t.elapsed();
+    // Intact, once each, in order.
+    let numbers: Vec<u64> = node
+        .log()
+        .read(1, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|(_, r)| match r {
+            Record::Event { event, .. } => {
+                let p = std::str::from_utf8(&event.payload).unwrap();
+                p[5..p.find(',').unwrap()].parse().unwrap()
+            }
+            Record::Gap { .. } => panic!("no gaps here"),
+        })
+        .collect();
+    assert_eq!(numbers, (0..3_000).collect::<Vec<_>>());
+    let bytes = up.metrics.frame_bytes.load(Relaxed);
+    up.stop().await;
+    node.shutdown().await;
+    (bytes, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_batches_arrive_intact_in_fewer_bytes_and_the_bandwidth_cap_paces_them() {
+    use telemesh_proto::frame::Compression;
+    let (plain, _) = drain_with(Compression::None, None).await;
+    let (zstd, _) = drain_with(Compression::Zstd, None).await;
+    assert!(zstd * 3 < plain, "zstd {zstd} bytes vs plain {plain}");
+    // Capped at a third of what the plain drain writes per second of cap: the drain cannot
+    // be faster than (bytes − one second's burst) ÷ cap.
+    let cap = plain / 3;
+    let (capped, took) = drain_with(Compression::None, Some(cap)).await;
+    let floor = (capped - cap) as f64 / cap as f64;
+    assert!(
+        took.as_secs_f64() >= floor * 0.95,
+        "{capped} bytes at {cap} B/s took {took:?}, at least {floor:.2}s expected"
+    );
 }

@@ -254,6 +254,15 @@ impl Agent {
                     connect_timeout: u.connect_timeout,
                     failback_interval: u.failback_interval,
                     ack_timeout: u.ack_timeout,
+                    compression: match u.compression {
+                        crate::config::UplinkCompression::None => {
+                            telemesh_proto::frame::Compression::None
+                        }
+                        crate::config::UplinkCompression::Zstd => {
+                            telemesh_proto::frame::Compression::Zstd
+                        }
+                    },
+                    max_bandwidth: u.max_bandwidth.map(|b| b.as_u64()),
                 };
                 let source = crate::uplink::BufferSource::new(
                     buffer.reader(),

@@ -71,6 +71,23 @@ pub struct UplinkSection {
     /// connection is made anew.
     #[serde(with = "humantime_serde", default = "default_ack_timeout")]
     pub ack_timeout: Duration,
+    /// `none` or `zstd`: compress batches when the node agrees.
+    #[serde(default)]
+    pub compression: UplinkCompression,
+    /// At most this many bytes per second on the uplink on average (after compression);
+    /// unlimited when absent.
+    pub max_bandwidth: Option<ByteSize>,
+}
+
+/// How the uplink compresses its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkCompression {
+    /// Batches as they are.
+    #[default]
+    None,
+    /// zstd, level 3.
+    Zstd,
 }
 
 fn default_failback() -> Duration {
@@ -394,6 +411,12 @@ impl EdgeConfig {
             if u.failback_interval.is_zero() {
                 return Err(invalid("uplink.failback_interval", "must be above 0"));
             }
+            if u.max_bandwidth.is_some_and(|b| b.as_u64() < 1024) {
+                return Err(invalid(
+                    "uplink.max_bandwidth",
+                    "must be at least 1KiB (per second)",
+                ));
+            }
             if u.ack_timeout.is_zero() {
                 return Err(invalid("uplink.ack_timeout", "must be above 0"));
             }
@@ -491,6 +514,8 @@ sync_interval = "100ms"
 # linger = "0ms"                   # how long a batch that is not full may wait to fill
 # failback_interval = "10s"        # on a later node, how often to check the first again
 # ack_timeout = "5s"               # batches in flight and no ack for this long: reconnect
+# compression = "zstd"             # or "none" (default): compress batches when the node agrees
+# max_bandwidth = "1MiB"           # at most this many bytes per second on average (default: no cap)
 
 [metrics]
 listen = "127.0.0.1:9401"          # GET /metrics (Prometheus text), GET /healthz

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use telemesh_mesh::tls::{self, Identity};
-use telemesh_mesh::wire::{write_frame, FrameReader, WireError};
+use telemesh_mesh::wire::{deflate, write_frame, FrameReader, WireError};
 use telemesh_proto::forwarder::{BufferedGap, ForwardError, Forwarder, ForwarderConfig, Trim};
 use telemesh_proto::frame::Compression;
 use telemesh_proto::{Event, Frame, Role, PROTOCOL_VERSION};
@@ -59,6 +59,43 @@ pub struct UplinkOptions {
     /// connection is given up and made anew (a path that drops everything is noticed this
     /// fast, instead of after QUIC's backed-off retransmissions or its idle timeout).
     pub ack_timeout: Duration,
+    /// `Zstd` to send batches compressed when the node agrees.
+    pub compression: Compression,
+    /// At most this many frame bytes per second on average (after compression).
+    pub max_bandwidth: Option<u64>,
+}
+
+/// A token bucket for the bandwidth cap: bytes are spent as frames are written, at most one
+/// second's worth saved up, and a frame that overdraws is paid for by waiting.
+#[derive(Debug)]
+pub struct Pace {
+    rate: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Pace {
+    /// A bucket of `rate` bytes per second, full at `now`.
+    pub fn new(rate: u64, now: std::time::Instant) -> Self {
+        let rate = rate.max(1) as f64;
+        Pace {
+            rate,
+            tokens: rate,
+            at: now,
+        }
+    }
+
+    /// Spends `bytes` at `now`; how long to wait before the next write.
+    pub fn spend(&mut self, now: std::time::Instant, bytes: usize) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
 }
 
 /// Re-exported so callers name the same rustls as the mesh.
@@ -290,18 +327,27 @@ async fn session<S: Source>(
             role: Role::Uplink,
             id: origin.to_owned(),
             max_event_bytes: opts.max_event_bytes,
-            compression: vec![Compression::None],
+            compression: match opts.compression {
+                Compression::Zstd => vec![Compression::Zstd, Compression::None],
+                Compression::None => vec![Compression::None],
+            },
         },
     )
     .await?;
     let mut reader = FrameReader::new(recv, 16 << 20);
+    let zstd;
+    let mut pace = opts
+        .max_bandwidth
+        .map(|rate| Pace::new(rate, std::time::Instant::now()));
     match reader.next().await? {
         Some(Frame::Welcome {
             node_id,
             incarnation,
+            compression,
             ..
         }) => {
-            info!(%node_id, incarnation, "uplink connected");
+            info!(%node_id, incarnation, ?compression, "uplink connected");
+            zstd = compression == Compression::Zstd;
         }
         Some(Frame::Reject { code, reason }) => {
             return Err(SessionError::Rejected {
@@ -330,9 +376,19 @@ async fn session<S: Source>(
                 break;
             }
             for f in &frames {
-                let n = write_frame(&mut send, f).await?;
+                let n = if zstd {
+                    write_frame(&mut send, &deflate(f)?).await?
+                } else {
+                    write_frame(&mut send, f).await?
+                };
                 metrics.frame_bytes.fetch_add(n as u64, Relaxed);
                 metrics.batches_sent.fetch_add(1, Relaxed);
+                if let Some(p) = pace.as_mut() {
+                    let wait = p.spend(std::time::Instant::now(), n);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
             }
             metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
         }
@@ -397,5 +453,36 @@ impl Drop for CountUdpBytes<'_> {
         self.1
             .udp_bytes
             .fetch_add(self.0.stats().udp_tx.bytes, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn the_bandwidth_cap_allows_a_second_of_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut p = Pace::new(1_000, t0);
+        // A full bucket takes 1,000 bytes at once.
+        assert_eq!(p.spend(t0, 600), Duration::ZERO);
+        assert_eq!(p.spend(t0, 400), Duration::ZERO);
+        // The next 500 must wait half a second.
+        let wait = p.spend(t0, 500);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
+        // After that wait the debt is paid; a second later 1,000 more are free, never more.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(p.spend(t1, 0), Duration::ZERO);
+        let t2 = t1 + Duration::from_secs(10);
+        assert_eq!(p.spend(t2, 1_000), Duration::ZERO);
+        assert!(p.spend(t2, 1) > Duration::ZERO);
+        // On average: 10 frames of 1,000 bytes at 1,000 B/s take about 9 s of waiting.
+        let mut p = Pace::new(1_000, t0);
+        let mut now = t0;
+        for _ in 0..10 {
+            now += p.spend(now, 1_000);
+        }
+        assert_eq!((now - t0).as_secs(), 9);
     }
 }

@@ -409,7 +409,7 @@ async fn stream(
             role,
             id,
             max_event_bytes,
-            ..
+            compression: offered,
         } = hello
         else {
             protocol_error(
@@ -448,13 +448,20 @@ async fn stream(
             let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
             return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
         }
+        // An uplink that offers zstd may send its batches compressed.
+        let compression = if role == Role::Uplink && offered.contains(&Compression::Zstd) {
+            reader.accept_compressed();
+            Compression::Zstd
+        } else {
+            Compression::None
+        };
         let welcome = Frame::Welcome {
             version: PROTOCOL_VERSION,
             node_id: ctx.cfg.node.id.clone(),
             incarnation: ctx.log.incarnation(),
             max_event_bytes: node_max,
             max_frame_bytes: max_frame,
-            compression: Compression::None,
+            compression,
         };
         if write_frame(&mut send, &welcome).await.is_err() {
             return;

@@ -1,8 +1,15 @@
 //! Frames over quinn streams: a reader that feeds stream chunks to the size-bounded
 //! [`FrameDecoder`] without copying whole frames, and a writer helper.
+//!
+//! Where the handshake chose zstd, a sender may wrap frames in [`Frame::Compressed`]; the
+//! reader, once told with [`FrameReader::accept_compressed`], unwraps them after checking
+//! the announced size against its frame limit (decompression never allocates beyond it) and
+//! refuses a compressed frame inside another. Without that call a compressed frame is an
+//! error.
 
 use bytes::{Buf, Bytes};
 use telemesh_proto::codec::{encode_frame, DecodeError, FrameDecoder};
+use telemesh_proto::frame::Compression;
 use telemesh_proto::Frame;
 
 /// Why a frame could not be read.
@@ -20,6 +27,9 @@ pub enum WireError {
     /// Encoding failed.
     #[error("encode: {0}")]
     Encode(#[from] telemesh_proto::codec::EncodeError),
+    /// A compressed frame that was not agreed, too large, or not decodable.
+    #[error("compressed frame: {0}")]
+    Compressed(String),
 }
 
 /// Reads frames from a receive stream.
@@ -28,6 +38,8 @@ pub struct FrameReader {
     recv: quinn::RecvStream,
     dec: FrameDecoder,
     chunk: Bytes,
+    max_frame: u32,
+    compressed: bool,
 }
 
 impl FrameReader {
@@ -37,7 +49,14 @@ impl FrameReader {
             recv,
             dec: FrameDecoder::new(max_frame),
             chunk: Bytes::new(),
+            max_frame,
+            compressed: false,
         }
+    }
+
+    /// From now on, unwrap [`Frame::Compressed`] frames (the handshake chose zstd).
+    pub fn accept_compressed(&mut self) {
+        self.compressed = true;
     }
 
     /// The next frame, or `None` at a clean end of the stream.
@@ -50,7 +69,13 @@ impl FrameReader {
                 let used = before - input.len();
                 self.chunk.advance(used);
                 if let Some(f) = frame {
-                    return Ok(Some(f));
+                    return match f {
+                        Frame::Compressed { .. } if !self.compressed => {
+                            Err(WireError::Compressed("compression was not agreed".into()))
+                        }
+                        Frame::Compressed { .. } => inflate(f, self.max_frame).map(Some),
+                        f => Ok(Some(f)),
+                    };
                 }
             }
             match self.recv.read_chunk(256 * 1024, true).await? {
@@ -70,4 +95,121 @@ pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<
     encode_frame(frame, &mut buf)?;
     send.write_all(&buf).await?;
     Ok(buf.len())
+}
+
+/// A [`Frame::Compressed`] holding `frame`, zstd level 3.
+pub fn deflate(frame: &Frame) -> Result<Frame, WireError> {
+    let raw =
+        postcard::to_allocvec(frame).map_err(|e| WireError::Compressed(format!("encode: {e}")))?;
+    let data = zstd::bulk::compress(&raw, 3).map_err(|e| WireError::Compressed(e.to_string()))?;
+    Ok(Frame::Compressed {
+        codec: Compression::Zstd,
+        raw_len: raw.len() as u32,
+        data,
+    })
+}
+
+/// The frame inside a [`Frame::Compressed`], at most `max_frame` bytes before compression.
+pub fn inflate(frame: Frame, max_frame: u32) -> Result<Frame, WireError> {
+    let Frame::Compressed {
+        codec,
+        raw_len,
+        data,
+    } = frame
+    else {
+        return Ok(frame);
+    };
+    if codec != Compression::Zstd {
+        return Err(WireError::Compressed(format!("unknown codec {codec:?}")));
+    }
+    if raw_len > max_frame {
+        return Err(WireError::Compressed(format!(
+            "{raw_len} bytes exceed the frame limit {max_frame}"
+        )));
+    }
+    let raw = zstd::bulk::decompress(&data, raw_len as usize)
+        .map_err(|e| WireError::Compressed(e.to_string()))?;
+    if raw.len() != raw_len as usize {
+        return Err(WireError::Compressed(format!(
+            "{} bytes, announced {raw_len}",
+            raw.len()
+        )));
+    }
+    match postcard::from_bytes::<Frame>(&raw) {
+        Ok(Frame::Compressed { .. }) => Err(WireError::Compressed("nested compression".into())),
+        Ok(f) => Ok(f),
+        Err(e) => Err(WireError::Compressed(format!("decode: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemesh_proto::Event;
+
+    fn batch() -> Frame {
+        Frame::Batch {
+            id: 1,
+            origin: "gw".into(),
+            epoch: 7,
+            events: (1..=100)
+                .map(|seq| Event {
+                    seq,
+                    topic: "site-a/line1/temp".into(),
+                    payload: format!("{{\"t\":{seq},\"v\":21.5}}").into_bytes(),
+                    ts_us: 1_700_000_000_000_000 + seq,
+                    qos: 1,
+                    headers: None,
+                })
+                .collect(),
+            gaps: vec![],
+        }
+    }
+
+    #[test]
+    fn compressed_frames_round_trip_and_shrink() {
+        let f = batch();
+        let raw = postcard::to_allocvec(&f).unwrap().len();
+        let c = deflate(&f).unwrap();
+        let Frame::Compressed { data, .. } = &c else {
+            panic!()
+        };
+        assert!(data.len() * 3 < raw, "{} of {raw}", data.len());
+        assert_eq!(inflate(c, 1 << 20).unwrap(), f);
+    }
+
+    #[test]
+    fn bombs_lies_and_nesting_are_refused() {
+        let f = batch();
+        // Announced larger than the limit: refused before decompressing.
+        let c = deflate(&f).unwrap();
+        assert!(inflate(c, 100).is_err());
+        // A small announcement for a large content: decompression stops at the bound.
+        let Frame::Compressed { data, .. } = deflate(&f).unwrap() else {
+            panic!()
+        };
+        let lie = Frame::Compressed {
+            codec: Compression::Zstd,
+            raw_len: 10,
+            data,
+        };
+        assert!(inflate(lie, 1 << 20).is_err());
+        // A zstd bomb: 64 MiB of zeros announced as such, over a 16 MiB limit.
+        let zeros = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+        let bomb = Frame::Compressed {
+            codec: Compression::Zstd,
+            raw_len: 64 << 20,
+            data: zeros,
+        };
+        assert!(inflate(bomb, 16 << 20).is_err());
+        // Garbage and nesting.
+        let junk = Frame::Compressed {
+            codec: Compression::Zstd,
+            raw_len: 50,
+            data: vec![1, 2, 3],
+        };
+        assert!(inflate(junk, 1 << 20).is_err());
+        let nested = deflate(&deflate(&f).unwrap()).unwrap();
+        assert!(inflate(nested, 1 << 20).is_err());
+    }
 }

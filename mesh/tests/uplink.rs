@@ -441,3 +441,92 @@ async fn concurrent_uplinks_and_consumers_each_see_everything_once_in_order() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_batches_only_where_agreed_and_never_beyond_the_frame_limit() {
+    use telemesh_mesh::wire::deflate;
+    use telemesh_proto::frame::Compression;
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &[],
+    )
+    .unwrap();
+    let node = Node::start(node_config(dir.path())).await.unwrap();
+    let ca = dir.path().join("certs/ca.pem");
+    let batch = |id| Frame::Batch {
+        id,
+        origin: "gw-1".into(),
+        epoch: 1,
+        events: events(1..=50, "site-a/x"),
+        gaps: vec![],
+    };
+    let closed_with = |reason: quinn::ConnectionError| match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => c.error_code,
+        other => panic!("expected an application close, got {other:?}"),
+    };
+    let malformed = quinn::VarInt::from_u32(u32::from(ErrorCode::MALFORMED_FRAME.0));
+
+    // Without offering zstd, a compressed frame is a protocol error.
+    let conn = dial(dir.path(), "gw-1", &ca, &node).await.unwrap();
+    let (mut send, _reader, welcome) = hello(&conn, "gw-1").await;
+    assert!(matches!(
+        welcome,
+        Frame::Welcome {
+            compression: Compression::None,
+            ..
+        }
+    ));
+    write_frame(&mut send, &deflate(&batch(1)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(closed_with(conn.closed().await), malformed);
+
+    let offer = |conn: quinn::Connection| async move {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        write_frame(
+            &mut send,
+            &Frame::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Uplink,
+                id: "gw-1".into(),
+                max_event_bytes: 65_536,
+                compression: vec![Compression::Zstd, Compression::None],
+            },
+        )
+        .await
+        .unwrap();
+        let mut reader = FrameReader::new(recv, 1 << 24);
+        let welcome = reader.next().await.unwrap().unwrap();
+        assert!(matches!(
+            welcome,
+            Frame::Welcome {
+                compression: Compression::Zstd,
+                ..
+            }
+        ));
+        (send, reader)
+    };
+    // Offered and agreed: a compressed batch is stored and acknowledged.
+    let conn = dial(dir.path(), "gw-1", &ca, &node).await.unwrap();
+    let (mut send, mut reader) = offer(conn.clone()).await;
+    write_frame(&mut send, &deflate(&batch(1)).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(
+        reader.next().await.unwrap().unwrap(),
+        Frame::Ack { id: 1, .. }
+    ));
+    assert_eq!(node.log().held("gw-1", 1).unwrap().len(), 50);
+    // A bomb: more than the node's frame limit once decompressed.
+    let bomb = Frame::Compressed {
+        codec: Compression::Zstd,
+        raw_len: 64 << 20,
+        data: zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap(),
+    };
+    write_frame(&mut send, &bomb).await.unwrap();
+    assert_eq!(closed_with(conn.closed().await), malformed);
+    node.shutdown().await;
+}

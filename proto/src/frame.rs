@@ -340,6 +340,18 @@ pub enum Frame {
         /// Seqs held and not selected by the filters, as ranges.
         not_selected: Vec<NotSelected>,
     },
+    /// Another frame, compressed: sent only where the handshake chose a compression (an
+    /// uplink's batches). `data` decompresses to exactly `raw_len` bytes of a postcard-encoded
+    /// frame, which is never itself compressed.
+    Compressed {
+        /// The compression.
+        codec: Compression,
+        /// The frame's size before compression (checked against the frame limit first).
+        raw_len: u32,
+        /// The compressed frame.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// A replication upstream of a node.
@@ -428,6 +440,7 @@ impl Frame {
             Frame::StatusRequest => "status_request",
             Frame::Status { .. } => "status",
             Frame::Replicate { .. } => "replicate",
+            Frame::Compressed { .. } => "compressed",
         }
     }
 }
