@@ -9,7 +9,9 @@
 //!    first acknowledged batch.
 //!
 //! `cargo bench --bench uplink_drain` runs N = 1,000,000; under `cargo test` N = 2,000 and a
-//! 100 ms cap.
+//! 100 ms cap. `UPLINK_COMPRESSION=zstd` compresses the batches; `UPLINK_PAYLOAD=json` makes
+//! the payloads ~100-byte JSON telemetry records (distinct values per event) instead of a
+//! repeated byte, which would flatter compression.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -72,11 +74,31 @@ fn main() {
             Arc::new(EdgeMetrics::default()),
         )
         .unwrap();
+        let json = std::env::var("UPLINK_PAYLOAD").is_ok_and(|v| v == "json");
+        let zstd = std::env::var("UPLINK_COMPRESSION").is_ok_and(|v| v == "zstd");
         let h = buffer.handle();
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
         for i in 0..n {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let payload = if json {
+                format!(
+                    "{{\"device\":\"dev-{:04}\",\"seq\":{i},\"celsius\":{}.{:02},\"humidity\":{}.{},\"battery\":3.{:02},\"ok\":true}}",
+                    i % 50,
+                    15 + rng % 15,
+                    (rng >> 8) % 100,
+                    30 + (rng >> 16) % 40,
+                    (rng >> 24) % 10,
+                    (rng >> 32) % 100
+                )
+                .into_bytes()
+            } else {
+                vec![b'x'; 100]
+            };
             h.append(Incoming {
                 topic: format!("site-a/line{}/sensor{}", i % 4, i % 50),
-                payload: vec![b'x'; 100],
+                payload,
                 ts_us: 1_764_150_000_000_000 + i,
                 qos: 1,
                 headers: None,
@@ -102,7 +124,11 @@ fn main() {
             connect_timeout: Duration::from_millis(if full { 2_000 } else { 300 }),
             failback_interval: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(5),
-            compression: telemesh_proto::frame::Compression::None,
+            compression: if zstd {
+                telemesh_proto::frame::Compression::Zstd
+            } else {
+                telemesh_proto::frame::Compression::None
+            },
             max_bandwidth: None,
         };
         let identity = Identity::load(&dir.path().join("certs/gw-bench.pem"), &dir.path().join("certs/gw-bench.key")).unwrap();
@@ -140,11 +166,13 @@ fn main() {
         stop.send(true).unwrap();
         up.await.unwrap().unwrap();
         println!(
-            "uplink_drain: {n} events in {:.3}s = {:.0} events/s (node sync=always, no compression); \
+            "uplink_drain: {n} events in {:.3}s = {:.0} events/s (node sync=always, payload {}, compression {}); \
              {:.1} frame bytes/event, {:.1} UDP bytes/event; \
              reconnect to first ack {} ms with backoff cap {} ms",
             drain.as_secs_f64(),
             n as f64 / drain.as_secs_f64(),
+            if json { "json" } else { "100 x" },
+            if zstd { "zstd" } else { "none" },
             frame_bytes as f64 / n as f64,
             udp_bytes as f64 / n as f64,
             reconnect.as_millis(),
