@@ -50,6 +50,20 @@ pub struct Replicate {
     /// Longest wait between reconnect attempts.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: std::time::Duration,
+    /// `zstd` to receive the rounds compressed (for a thin link between sites), or `none`.
+    #[serde(default)]
+    pub compression: ReplicateCompression,
+}
+
+/// How replication rounds travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicateCompression {
+    /// As they are.
+    #[default]
+    None,
+    /// zstd, level 3.
+    Zstd,
 }
 
 /// Where a replication starts when it has no cursor yet.
@@ -402,6 +416,7 @@ filters = ["site-b/#"]             # what to replicate
 start = "earliest"                 # or "latest": where to start the first time
 window = 20000                     # events received and not yet stored, at most
 backoff_max = "1s"                 # longest wait between reconnect attempts
+compression = "zstd"               # or "none" (default): receive the rounds compressed
 "#;
 
 #[cfg(test)]

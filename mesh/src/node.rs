@@ -448,9 +448,12 @@ async fn stream(
             let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
             return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
         }
-        // An uplink that offers zstd may send its batches compressed.
-        let compression = if role == Role::Uplink && offered.contains(&Compression::Zstd) {
-            reader.accept_compressed();
+        // An uplink that offers zstd may send its batches compressed; a peer that offers it
+        // gets its replication rounds compressed.
+        let compression = if role != Role::Consumer && offered.contains(&Compression::Zstd) {
+            if role == Role::Uplink {
+                reader.accept_compressed();
+            }
             Compression::Zstd
         } else {
             Compression::None
@@ -469,7 +472,8 @@ async fn stream(
         ctx.metrics.connections.fetch_add(1, Relaxed);
         debug!(role = role.as_str(), "welcomed");
         if role == Role::Consumer || role == Role::Peer {
-            consumer(conn, identity, role, access, reader, send, ctx).await;
+            let zstd = compression == Compression::Zstd;
+            consumer(conn, identity, role, zstd, access, reader, send, ctx).await;
         } else {
             uplink(conn, identity, access, reader, send, ctx).await;
         }
@@ -725,10 +729,12 @@ fn replicated(node_seq: u64, rec: Record) -> Replicated {
 /// Serves one subscription: catch-up and live tail are one loop — read the committed log
 /// from the cursor, and when it is reached, wait for the committed mark to move. Credit
 /// bounds what is sent ahead of the consumer, so a slow consumer costs no memory.
+#[allow(clippy::too_many_arguments)]
 async fn consumer(
     conn: quinn::Connection,
     identity: String,
     role: Role,
+    zstd: bool,
     access: Access,
     mut reader: FrameReader,
     mut send: quinn::SendStream,
@@ -923,7 +929,10 @@ async fn consumer(
                 }
             }
             let frame = if let Some(incarnation) = peer {
-                let mut round = PeerRound::new(&filters, (&identity, incarnation), from, want);
+                // A quarter of the frame limit leaves room for the framing of the records.
+                let budget = ctx.cfg.node.max_frame_bytes.as_u64() as usize / 4;
+                let mut round =
+                    PeerRound::new(&filters, (&identity, incarnation), from, want, budget);
                 for (seq, rec) in records {
                     if seq > head || !round.offer(seq, replicated(seq, rec)) {
                         break;
@@ -934,7 +943,18 @@ async fn consumer(
                 ctx.metrics
                     .replicated_out
                     .fetch_add(round.events() as u64, Relaxed);
-                round.into_frame(head)
+                let frame = round.into_frame(head);
+                if zstd {
+                    match crate::wire::deflate(&frame) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            warn!(error = %e, "compression failed");
+                            break;
+                        }
+                    }
+                } else {
+                    frame
+                }
             } else {
                 let mut events = Vec::new();
                 let mut gap_items = Vec::new();

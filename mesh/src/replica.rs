@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use telemesh_proto::frame::Compression;
 use telemesh_proto::frame::{DeadLetter, UpstreamStatus};
 use telemesh_proto::replication::{Receipt, ReplicatedItem, Replicator, Step};
 use telemesh_proto::topic::validate_topic_name;
@@ -21,7 +22,7 @@ use telemesh_proto::{ErrorCode, Frame, Start};
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn, Instrument};
 
-use crate::config::{Replicate, ReplicateStart};
+use crate::config::{Replicate, ReplicateCompression, ReplicateStart};
 use crate::log::{IngestOutcome, NodeLog, Pending, ReplicaBatch};
 use crate::wire::{write_frame, FrameReader};
 
@@ -272,7 +273,12 @@ async fn session(
         .map_err(|e| format!("connect: {e}"))?;
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(recv, shared.max_frame_bytes);
-    let hello = rep.on_connected(&shared.node_id);
+    let mut hello = rep.on_connected(&shared.node_id);
+    if entry.compression == ReplicateCompression::Zstd {
+        if let Frame::Hello { compression, .. } = &mut hello {
+            *compression = vec![Compression::Zstd, Compression::None];
+        }
+    }
     write_frame(&mut send, &hello)
         .await
         .map_err(|e| e.to_string())?;
@@ -293,8 +299,11 @@ async fn session(
                         Ok(None) => return Err("upstream closed the stream".to_owned()),
                         Err(e) => return Err(e.to_string()),
                     };
-                    if let Frame::Welcome { node_id, incarnation, .. } = &frame {
-                        info!(upstream = %node_id, incarnation, "connected");
+                    if let Frame::Welcome { node_id, incarnation, compression, .. } = &frame {
+                        info!(upstream = %node_id, incarnation, ?compression, "connected");
+                        if *compression == Compression::Zstd {
+                            reader.accept_compressed();
+                        }
                         let id = node_id.clone();
                         state.update(|s| {
                             s.node_id = id;

@@ -163,6 +163,8 @@ async fn a_cycle_of_three_stores_every_event_once_and_sends_nothing_back() {
     a_cfg.metrics = Some(telemesh_mesh::config::MetricsSection {
         listen: "127.0.0.1:0".parse().unwrap(),
     });
+    // A takes B's rounds zstd-compressed.
+    a_cfg.replicate[0].compression = telemesh_mesh::config::ReplicateCompression::Zstd;
     let a = Node::start(a_cfg).await.unwrap();
     let b = start(
         dir.path(),
@@ -501,5 +503,41 @@ async fn lag_in_seconds_keeps_growing_while_the_upstream_is_unreachable() {
         lag >= (before - newest_ingest_us) / 1000,
         "lag {lag} ms is the age of the newest event"
     );
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_of_large_events_stay_within_the_frame_limit() {
+    let dir = setup(&["node-a", "node-b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let mut a_cfg = config(dir.path(), "node-a", pa, &["node-b"], &[]);
+    let mut b_cfg = config(dir.path(), "node-b", pb, &[], &[(pa, "node-a", "[\"#\"]")]);
+    for c in [&mut a_cfg, &mut b_cfg] {
+        c.node.max_frame_bytes = bytesize::ByteSize::mib(2);
+    }
+    let a = Node::start(a_cfg).await.unwrap();
+    // Ten events of 900 KB: together far beyond a 2 MiB frame.
+    let big: Vec<Event> = (1..=10)
+        .map(|seq| Event {
+            seq,
+            topic: "site-a/blob".into(),
+            payload: vec![seq as u8; 900_000],
+            ts_us: seq,
+            qos: 1,
+            headers: None,
+        })
+        .collect();
+    a.log().ingest("gw".into(), 1, big, vec![]).await.unwrap();
+    let b = Node::start(b_cfg).await.unwrap();
+    until(b.log(), "the ten large events", |log| {
+        count(log, "gw", 1) == 10
+    })
+    .await;
+    assert_eq!(
+        b.upstreams()[0].errors.load(Relaxed),
+        0,
+        "no frame was too large"
+    );
+    a.shutdown().await;
     b.shutdown().await;
 }

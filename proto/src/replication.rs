@@ -89,6 +89,8 @@ pub struct PeerRound<'a> {
     filters: &'a [String],
     downstream: (&'a str, u64),
     max_events: usize,
+    max_bytes: usize,
+    bytes: usize,
     through: u64,
     records: Vec<Replicated>,
     events: usize,
@@ -100,17 +102,21 @@ pub struct PeerRound<'a> {
 impl<'a> PeerRound<'a> {
     /// A round for `downstream` (its id and log incarnation) reading from node seq `from`,
     /// holding at most `max_events` events (gap records and not-selected ranges do not
-    /// count).
+    /// count) and, past its first event, at most `max_bytes` of topics and payloads (so the
+    /// frame stays within the peer's frame limit).
     pub fn new(
         filters: &'a [String],
         downstream: (&'a str, u64),
         from: u64,
         max_events: usize,
+        max_bytes: usize,
     ) -> Self {
         PeerRound {
             filters,
             downstream,
             max_events,
+            max_bytes,
+            bytes: 0,
             through: from.saturating_sub(1),
             records: Vec::new(),
             events: 0,
@@ -121,15 +127,20 @@ impl<'a> PeerRound<'a> {
 
     /// Whether the round can take no more events.
     pub fn is_full(&self) -> bool {
-        self.events >= self.max_events
+        self.events >= self.max_events || (self.events > 0 && self.bytes >= self.max_bytes)
     }
 
     /// Offers the record at `node_seq` (called in log order); returns false, without taking
     /// it, when the round is full.
     pub fn offer(&mut self, node_seq: u64, record: Replicated) -> bool {
-        let is_event = matches!(record.item, ReplicatedItem::Event(_));
-        if is_event && self.is_full() {
-            return false;
+        let size = match &record.item {
+            ReplicatedItem::Event(ev) => Some(ev.size()),
+            ReplicatedItem::Gap(_) => None,
+        };
+        if let Some(size) = size {
+            if self.is_full() || (self.events > 0 && self.bytes + size > self.max_bytes) {
+                return false;
+            }
         }
         self.through = node_seq;
         let (id, incarnation) = self.downstream;
@@ -144,6 +155,7 @@ impl<'a> PeerRound<'a> {
             ReplicatedItem::Event(ev) => {
                 if self.filters.iter().any(|f| matches(f, &ev.topic)) {
                     self.events += 1;
+                    self.bytes += ev.size();
                     self.records.push(record);
                 } else {
                     self.not_selected(record.origin, record.epoch, ev.seq);
@@ -529,7 +541,7 @@ mod tests {
     #[test]
     fn round_selects_skips_and_coalesces() {
         let filters = vec!["a/#".to_string()];
-        let mut round = PeerRound::new(&filters, ("down", 3), 10, 2);
+        let mut round = PeerRound::new(&filters, ("down", 3), 10, 2, 1 << 20);
         assert!(round.offer(10, rec(10, "o", 1, "a/x", &[])));
         assert!(round.offer(11, rec(11, "o", 2, "b/x", &[])));
         assert!(round.offer(12, rec(12, "o", 3, "b/x", &[])));
@@ -573,6 +585,26 @@ mod tests {
             .map(|n| (n.origin.as_str(), n.first, n.last))
             .collect();
         assert_eq!(ns, vec![("o", 2, 3), ("p", 7, 7), ("o", 5, 5)]);
+    }
+
+    #[test]
+    fn a_round_stays_within_its_byte_budget_but_takes_one_large_event() {
+        let filters = vec!["#".to_string()];
+        let big = |n: u64| {
+            let mut r = rec(n, "o", n, "t", &[]);
+            if let ReplicatedItem::Event(e) = &mut r.item {
+                e.payload = vec![0; 600];
+            }
+            r
+        };
+        let mut round = PeerRound::new(&filters, ("down", 1), 1, 100, 1_000);
+        assert!(round.offer(1, big(1)));
+        assert!(!round.offer(2, big(2)), "600 + 600 bytes exceed 1,000");
+        assert_eq!(round.events(), 1);
+        // A single event larger than the budget still goes (alone).
+        let mut round = PeerRound::new(&filters, ("down", 1), 1, 100, 100);
+        assert!(round.offer(1, big(1)));
+        assert!(round.is_full());
     }
 
     fn welcome(node: &str, incarnation: u64) -> Frame {

@@ -339,7 +339,7 @@ impl Sim {
         }
         let max = max.min(serve.credit as usize);
         let downstream = (self.nodes[down].id.as_str(), self.nodes[down].incarnation);
-        let mut round = PeerRound::new(&serve.filters, downstream, serve.from, max);
+        let mut round = PeerRound::new(&serve.filters, downstream, serve.from, max, 1 << 20);
         for seq in serve.from..=head {
             let r = &node.log[seq as usize - 1];
             let rec = Replicated {
