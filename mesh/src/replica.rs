@@ -118,7 +118,7 @@ pub(crate) fn start(
     for entry in entries {
         let state = Arc::new(UpstreamState::new(&entry.from));
         states.push(state.clone());
-        let span = tracing::info_span!("replicate", from = %entry.from);
+        let span = tracing::info_span!("replicate", node = %shared.node_id, from = %entry.from);
         tasks.push(tokio::spawn(
             run(shared.clone(), entry.clone(), state, shutdown.clone()).instrument(span),
         ));
@@ -223,6 +223,12 @@ fn finish(
     state.events.fetch_add(outcome.stored, Relaxed);
     state.duplicates.fetch_add(outcome.duplicates, Relaxed);
     let through = p.receipt.cursor.through;
+    tracing::debug!(
+        through,
+        behind = p.behind,
+        stored = outcome.stored,
+        "stored a round"
+    );
     if let Some(t) = p.ingest_us.iter().max() {
         state.newest_ingest_us.fetch_max(*t, Relaxed);
     }
