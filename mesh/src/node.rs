@@ -1058,6 +1058,19 @@ async fn consumer(
             },
             r = committed.changed(), if !deliverable => if r.is_err() { break },
             _ = std::future::ready(()), if deliverable => {}
+            // An idle peer link carries a heartbeat: how far the log goes, and that the
+            // path works.
+            _ = tokio::time::sleep(telemesh_proto::replication::HEARTBEAT), if peer.is_some() && !deliverable => {
+                let beat = Frame::Replicate {
+                    through: from - 1,
+                    head: *committed.borrow(),
+                    records: Vec::new(),
+                    not_selected: Vec::new(),
+                };
+                if write_frame(&mut send, &beat).await.is_err() {
+                    break;
+                }
+            }
         }
     }
     drop(guard);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use telemesh_proto::frame::Compression;
 use telemesh_proto::frame::{DeadLetter, UpstreamStatus};
-use telemesh_proto::replication::{Receipt, ReplicatedItem, Replicator, Step};
+use telemesh_proto::replication::{Receipt, ReplicatedItem, Replicator, Step, SILENCE};
 use telemesh_proto::topic::validate_topic_name;
 use telemesh_proto::{ErrorCode, Frame, Start};
 use tokio::sync::{oneshot, watch};
@@ -288,13 +288,20 @@ async fn session(
     write_frame(&mut send, &hello)
         .await
         .map_err(|e| e.to_string())?;
+    // Anything from the upstream (a round or a heartbeat) or a commit of ours shows the link
+    // alive; silence beyond SILENCE ends the connection.
+    let mut heard = tokio::time::Instant::now();
     let result = async {
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Ok(()),
+                _ = tokio::time::sleep_until(heard + SILENCE) => {
+                    return Err(format!("nothing from the upstream for {SILENCE:?}"));
+                }
                 r = async { (&mut pending.front_mut().expect("guarded").rx).await }, if !pending.is_empty() => {
                     let p = pending.pop_front().expect("guarded");
+                    heard = tokio::time::Instant::now();
                     if let Some(credit) = finish(state, rep, p, r)? {
                         write_frame(&mut send, &credit).await.map_err(|e| e.to_string())?;
                     }
@@ -305,6 +312,7 @@ async fn session(
                         Ok(None) => return Err("upstream closed the stream".to_owned()),
                         Err(e) => return Err(e.to_string()),
                     };
+                    heard = tokio::time::Instant::now();
                     if let Frame::Welcome { node_id, incarnation, compression, .. } = &frame {
                         info!(upstream = %node_id, incarnation, ?compression, "connected");
                         if *compression == Compression::Zstd {
@@ -319,6 +327,11 @@ async fn session(
                     match rep.on_frame(frame).map_err(|e| e.to_string())? {
                         Step::Send(f) => {
                             write_frame(&mut send, &f).await.map_err(|e| e.to_string())?;
+                        }
+                        Step::Idle { behind } => {
+                            if pending.is_empty() {
+                                state.update(|s| s.behind = behind);
+                            }
                         }
                         Step::Apply(apply) => {
                             let receipt = apply.receipt();

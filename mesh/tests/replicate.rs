@@ -541,3 +541,56 @@ async fn rounds_of_large_events_stay_within_the_frame_limit() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_link_is_given_up_within_seconds_and_replication_resumes_after_the_cut() {
+    use telemesh_mesh::relay::Relay;
+    let dir = setup(&["node-a", "node-b"]);
+    let (pa, pb) = (free_port(), free_port());
+    let a = start(dir.path(), "node-a", pa, &["node-b"], &[]).await;
+    let relay = Relay::start(a.local_addr()).await.unwrap();
+    let mut b_cfg = config(dir.path(), "node-b", pb, &[], &[]);
+    b_cfg.replicate = config(
+        dir.path(),
+        "node-b",
+        pb,
+        &[],
+        &[(relay.addr().port(), "node-a", "[\"#\"]")],
+    )
+    .replicate;
+    let b = Node::start(b_cfg).await.unwrap();
+    a.log()
+        .ingest("gw".into(), 1, events("site-a", 1, 101), vec![])
+        .await
+        .unwrap();
+    until(b.log(), "the first 100", |log| count(log, "gw", 1) == 100).await;
+    let u = b.upstreams()[0].clone();
+    // Idle and caught up: heartbeats keep the link; cut it and the silence ends it (QUIC
+    // alone would wait for its 30 s idle timeout).
+    relay.set_cut(true);
+    let cut_at = std::time::Instant::now();
+    until_upstream(&u, "the silent link to be given up", |u| {
+        u.errors.load(Relaxed) >= 1
+    })
+    .await;
+    let noticed = cut_at.elapsed();
+    assert!(
+        noticed < std::time::Duration::from_secs(20),
+        "noticed after {noticed:?}"
+    );
+    a.log()
+        .ingest("gw".into(), 1, events("site-a", 101, 201), vec![])
+        .await
+        .unwrap();
+    relay.set_cut(false);
+    until(b.log(), "the next 100 after the cut", |log| {
+        count(log, "gw", 1) == 200
+    })
+    .await;
+    assert_eq!(
+        stored(b.log())[&("gw".to_string(), 1)],
+        (1..=200).collect::<Vec<_>>()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}

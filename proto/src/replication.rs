@@ -30,6 +30,10 @@
 //! - Gap records are always carried (they are per origin, not per topic).
 //! - Records arrive in the upstream's log order, so each origin's events keep their seq
 //!   order along every path.
+//! - An idle upstream sends an empty round (nothing new scanned) every
+//!   [`HEARTBEAT`]: the downstream learns how far behind it is without storing anything, and
+//!   a link that carries nothing for [`SILENCE`] is given up and made anew (a path that drops
+//!   everything is noticed in seconds, not after QUIC's backed-off retransmissions).
 
 use std::collections::HashMap;
 
@@ -38,6 +42,12 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Event, Gap};
 use crate::frame::{Compression, Frame, Role, Start, PROTOCOL_VERSION};
 use crate::topic::matches;
+
+/// How often an idle upstream sends an empty round.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a downstream waits for any frame before it gives the connection up.
+pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// One record of an upstream's log, as it travels to a replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -448,6 +458,12 @@ impl Replicator {
                         self.received
                     )));
                 }
+                if through == self.received && records.is_empty() && not_selected.is_empty() {
+                    // A heartbeat: nothing to store.
+                    return Ok(Step::Idle {
+                        behind: head.saturating_sub(through),
+                    });
+                }
                 let events = records
                     .iter()
                     .filter(|r| matches!(r.item, ReplicatedItem::Event(_)))
@@ -509,6 +525,11 @@ pub enum Step {
     Send(Frame),
     /// Store these records with their cursor, then call [`Replicator::on_applied`].
     Apply(Apply),
+    /// Nothing to store (a heartbeat); the upstream holds this many records beyond the cursor.
+    Idle {
+        /// Upstream records not yet scanned.
+        behind: u64,
+    },
 }
 
 #[cfg(test)]
@@ -694,6 +715,14 @@ mod tests {
             not_selected: vec![],
         };
         assert!(matches!(r.on_frame(bad), Err(ReplicaError::Order(_))));
+        // A heartbeat: nothing new, nothing to store.
+        let beat = Frame::Replicate {
+            through: 5,
+            head: 12,
+            records: vec![],
+            not_selected: vec![],
+        };
+        assert_eq!(r.on_frame(beat).unwrap(), Step::Idle { behind: 7 });
         // An apply of a connection that is gone updates the cursor but sends no credit.
         r.on_disconnected();
         assert_eq!(r.on_applied(a.receipt()), None);

@@ -371,6 +371,7 @@ impl Sim {
         match link.rep.on_frame(frame) {
             Ok(Step::Send(f)) => conn.to_up.push_back(f),
             Ok(Step::Apply(a)) => link.pending.push_back(a),
+            Ok(Step::Idle { .. }) => {}
             Err(e) => panic!("protocol error on link {l}: {e}"),
         }
     }
