@@ -178,6 +178,39 @@ mod tests {
         assert_eq!(inflate(c, 1 << 20).unwrap(), f);
     }
 
+    proptest::proptest! {
+        /// Arbitrary compressed payloads and announced sizes never panic and never yield more
+        /// than the limit: a frame or an error.
+        #[test]
+        fn arbitrary_compressed_frames_are_frames_or_errors(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            raw_len in 0u32..(1 << 20),
+        ) {
+            let f = Frame::Compressed { codec: Compression::Zstd, raw_len, data };
+            let _ = inflate(f, 1 << 16);
+        }
+
+        /// Valid zstd around arbitrary bytes: decoded as a frame or refused, never a panic.
+        #[test]
+        fn compressed_garbage_is_refused_or_a_frame(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        ) {
+            let data = zstd::bulk::compress(&raw, 1).unwrap();
+            let f = Frame::Compressed { codec: Compression::Zstd, raw_len: raw.len() as u32, data };
+            if let Ok(inner) = inflate(f, 1 << 16) {
+                let nested = matches!(inner, Frame::Compressed { .. });
+                proptest::prop_assert!(!nested, "a nested compressed frame came out");
+            }
+        }
+
+        /// Every frame survives deflate and inflate.
+        #[test]
+        fn deflate_inflate_round_trips(n in 0u64..300, text in "[a-z/]{0,40}") {
+            let f = Frame::Error { code: telemesh_proto::ErrorCode(n as u16), reason: text.repeat(n as usize % 7) };
+            proptest::prop_assert_eq!(inflate(deflate(&f).unwrap(), 1 << 20).unwrap(), f);
+        }
+    }
+
     #[test]
     fn bombs_lies_and_nesting_are_refused() {
         let f = batch();
