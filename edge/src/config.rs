@@ -255,36 +255,8 @@ impl Default for BufferSection {
     }
 }
 
-/// A config that cannot work, naming the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML does not fit the schema (unknown key, wrong type…).
-    #[error("{0}")]
-    Parse(#[from] toml::de::Error),
-    /// A value is impossible.
-    #[error("{key}: {why}")]
-    Invalid {
-        /// The key, as `section.key`.
-        key: &'static str,
-        /// Why.
-        why: String,
-    },
-}
-
-fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        why: why.into(),
-    }
-}
+pub use telemesh_mesh::config::ConfigError;
+use telemesh_mesh::config::{invalid, read_file};
 
 impl EdgeConfig {
     /// Parses and validates TOML text.
@@ -296,11 +268,7 @@ impl EdgeConfig {
 
     /// Reads, parses and validates a file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text)
+        Self::from_toml(&read_file(path)?)
     }
 
     /// Checks every value that parses but cannot work.

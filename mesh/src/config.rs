@@ -241,11 +241,20 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
+/// An impossible value of `key` (as `section.key`), and why.
+pub fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         why: why.into(),
     }
+}
+
+/// A config file's text.
+pub fn read_file(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl NodeConfig {
@@ -258,11 +267,7 @@ impl NodeConfig {
 
     /// Reads, parses and validates a file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text)
+        Self::from_toml(&read_file(path)?)
     }
 
     /// Checks values that parse but cannot work.

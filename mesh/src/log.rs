@@ -1064,31 +1064,18 @@ impl Writer {
         let key = origin_key(origin, epoch);
         let ingest_us = self.ingest_time();
         let mut out = IngestOutcome::default();
+        let at = Place {
+            key: &key,
+            origin,
+            epoch,
+            ingest_us,
+            path: &[],
+        };
         for ev in events {
-            self.store_event(
-                wtxn,
-                &key,
-                origin,
-                epoch,
-                ingest_us,
-                ev,
-                &[],
-                dirty,
-                &mut out,
-            )?;
+            self.store_event(wtxn, &at, ev, dirty, &mut out)?;
         }
         for gap in gaps {
-            self.store_gap(
-                wtxn,
-                &key,
-                origin,
-                epoch,
-                ingest_us,
-                gap,
-                &[],
-                dirty,
-                &mut out,
-            )?;
+            self.store_gap(wtxn, &at, gap, dirty, &mut out)?;
         }
         Ok(out)
     }
@@ -1116,13 +1103,16 @@ impl Writer {
             path.clear();
             path.extend(r.path.iter().cloned());
             path.push(hop.clone());
+            let at = Place {
+                key: &key,
+                origin: &r.origin,
+                epoch: r.epoch,
+                ingest_us,
+                path: &path,
+            };
             match &r.item {
-                ReplicatedItem::Event(ev) => self.store_event(
-                    wtxn, &key, &r.origin, r.epoch, ingest_us, ev, &path, dirty, &mut out,
-                )?,
-                ReplicatedItem::Gap(gap) => self.store_gap(
-                    wtxn, &key, &r.origin, r.epoch, ingest_us, gap, &path, dirty, &mut out,
-                )?,
+                ReplicatedItem::Event(ev) => self.store_event(wtxn, &at, ev, dirty, &mut out)?,
+                ReplicatedItem::Gap(gap) => self.store_gap(wtxn, &at, gap, dirty, &mut out)?,
             }
         }
         for d in &batch.rejected {
@@ -1148,17 +1138,14 @@ impl Writer {
             };
             let (origin, epoch) = (&batch.cursor.node_id, batch.cursor.incarnation);
             let key = origin_key(origin, epoch);
-            self.store_gap(
-                wtxn,
-                &key,
+            let at = Place {
+                key: &key,
                 origin,
                 epoch,
                 ingest_us,
-                &gap,
-                &[],
-                dirty,
-                &mut out,
-            )?;
+                path: &[],
+            };
+            self.store_gap(wtxn, &at, &gap, dirty, &mut out)?;
         }
         self.shared
             .upstreams
@@ -1166,50 +1153,41 @@ impl Writer {
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn store_event(
         &mut self,
         wtxn: &mut RwTxn,
-        key: &[u8],
-        origin: &str,
-        epoch: u64,
-        ingest_us: u64,
+        at: &Place,
         ev: &Event,
-        path: &[Hop],
         dirty: &mut HashSet<Vec<u8>>,
         out: &mut IngestOutcome,
     ) -> Result<(), heed::Error> {
-        let held = Self::set(&mut self.held, self.shared.held, wtxn, key)?;
+        let held = Self::set(&mut self.held, self.shared.held, wtxn, at.key)?;
         if !held.insert(ev.seq) {
             out.duplicates += 1;
             return Ok(());
         }
-        dirty.insert(key.to_vec());
+        mark_dirty(dirty, at.key);
         let rec = Record::Event {
-            origin: origin.to_owned(),
-            epoch,
-            ingest_us,
+            origin: at.origin.to_owned(),
+            epoch: at.epoch,
+            ingest_us: at.ingest_us,
             event: ev.clone(),
-            path: path.to_vec(),
+            path: at.path.to_vec(),
         };
         self.append_record(wtxn, &rec)?;
         out.stored += 1;
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn store_gap(
         &mut self,
         wtxn: &mut RwTxn,
-        key: &[u8],
-        origin: &str,
-        epoch: u64,
-        ingest_us: u64,
+        at: &Place,
         gap: &Gap,
-        path: &[Hop],
         dirty: &mut HashSet<Vec<u8>>,
         out: &mut IngestOutcome,
     ) -> Result<(), heed::Error> {
+        let key = at.key;
         let fresh = match gap.kind {
             GapKind::Range { first, last } => {
                 let lost = Self::set(&mut self.lost, self.shared.lost, wtxn, key)?;
@@ -1231,17 +1209,33 @@ impl Writer {
         if !fresh {
             return Ok(());
         }
-        dirty.insert(key.to_vec());
+        mark_dirty(dirty, key);
         let rec = Record::Gap {
-            origin: origin.to_owned(),
-            epoch,
-            ingest_us,
+            origin: at.origin.to_owned(),
+            epoch: at.epoch,
+            ingest_us: at.ingest_us,
             gap: gap.clone(),
-            path: path.to_vec(),
+            path: at.path.to_vec(),
         };
         self.append_record(wtxn, &rec)?;
         out.gaps += 1;
         Ok(())
+    }
+}
+
+/// Where a record goes: its origin and epoch (and their key), ingest time and path.
+struct Place<'a> {
+    key: &'a [u8],
+    origin: &'a str,
+    epoch: u64,
+    ingest_us: u64,
+    path: &'a [Hop],
+}
+
+/// Marks a range-set key as written in this transaction (allocating only the first time).
+fn mark_dirty(dirty: &mut HashSet<Vec<u8>>, key: &[u8]) {
+    if !dirty.contains(key) {
+        dirty.insert(key.to_vec());
     }
 }
 

@@ -244,7 +244,7 @@ impl Collector for NodeCollector {
             &mut enc,
             "telemesh_node_consumers_expired",
             "Durable consumers deleted after consumer_ttl away",
-            m.consumers_expired.load(Relaxed),
+            *m.consumers_expired.borrow(),
         )?;
         self.encode_upstreams(&mut enc)?;
         let errors = m.errors.lock().map(|e| e.clone()).unwrap_or_default();

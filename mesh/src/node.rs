@@ -50,7 +50,8 @@ pub struct NodeMetrics {
     /// Events sent to replicating peers.
     pub replicated_out: AtomicU64,
     /// Durable consumers deleted after `consumer_ttl` away.
-    pub consumers_expired: AtomicU64,
+    /// (A watch, so that it can be waited on.)
+    pub consumers_expired: tokio::sync::watch::Sender<u64>,
     /// Edge receive (the event's `ts_us`) to this node's commit, per event from an uplink.
     pub ingest_latency: crate::metrics::Latency,
     /// Edge receive to delivery to a consumer, per event.
@@ -212,7 +213,7 @@ impl Node {
                         for k in gone {
                             let name = String::from_utf8_lossy(&k).replace('\0', "/");
                             info!(consumer = %name, "durable consumer expired (consumer_ttl)");
-                            rctx.metrics.consumers_expired.fetch_add(1, Relaxed);
+                            rctx.metrics.consumers_expired.send_modify(|n| *n += 1);
                         }
                     }
                     Err(e) => warn!(error = %e, "consumer expiry failed"),
