@@ -19,6 +19,19 @@ use telemesh_mesh::relay::Relay;
 use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
 
+/// A temporary directory with certificates for node-a and gw-1.
+fn certs_for_gw1() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_mesh(
+        &dir.path().join("certs"),
+        &["node-a".into()],
+        &["gw-1".into()],
+        &[],
+    )
+    .unwrap();
+    dir
+}
+
 fn node_config(dir: &std::path::Path) -> NodeConfig {
     let c = dir.join("certs");
     NodeConfig::from_toml(&format!(
@@ -76,14 +89,7 @@ fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    write_mesh(
-        &dir.path().join("certs"),
-        &["node-a".into()],
-        &["gw-1".into()],
-        &[],
-    )
-    .unwrap();
+    let dir = certs_for_gw1();
     let node = Node::start(node_config(dir.path())).await.unwrap();
     let relay = Relay::start(node.local_addr()).await.unwrap();
     let relay_addr = relay.addr();
@@ -227,14 +233,7 @@ fn an_uplink_certificate_naming_another_agent_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    write_mesh(
-        &dir.path().join("certs"),
-        &["node-a".into()],
-        &["gw-1".into()],
-        &[],
-    )
-    .unwrap();
+    let dir = certs_for_gw1();
     let node = Node::start(node_config(dir.path())).await.unwrap();
     // A port where nothing listens: QUIC gets no answer at all.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -262,14 +261,7 @@ async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
-    let dir = tempfile::tempdir().unwrap();
-    write_mesh(
-        &dir.path().join("certs"),
-        &["node-a".into()],
-        &["gw-1".into()],
-        &[],
-    )
-    .unwrap();
+    let dir = certs_for_gw1();
     // Node B runs from the start; node A (listed first) only later, on a port chosen now.
     let b_dir = dir.path().join("b");
     std::fs::create_dir_all(&b_dir).unwrap();
@@ -407,14 +399,7 @@ async fn drain_with(
     compression: telemesh_proto::frame::Compression,
     cap: Option<u64>,
 ) -> (u64, Duration) {
-    let dir = tempfile::tempdir().unwrap();
-    write_mesh(
-        &dir.path().join("certs"),
-        &["node-a".into()],
-        &["gw-1".into()],
-        &[],
-    )
-    .unwrap();
+    let dir = certs_for_gw1();
     let node = Node::start(node_config(dir.path())).await.unwrap();
     let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 32 << 20);
     let h = buffer.handle();
