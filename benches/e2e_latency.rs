@@ -10,11 +10,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_edge::{Agent, EdgeConfig};
-use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
+use telemesh_quic::pki::write_mesh;
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()

@@ -12,9 +12,9 @@ use telemesh_edge::EdgeMetrics;
 use telemesh_gateway::{UplinkMetrics, UplinkOptions};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
-use telemesh_mesh::tls::{load_roots, Identity};
 use telemesh_proto::forwarder::ForwarderConfig;
+use telemesh_quic::pki::write_mesh;
+use telemesh_quic::tls::{load_roots, Identity};
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");

@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
 use telemesh_proto::{Event, Start};
+use telemesh_quic::pki::write_mesh;
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
 use telemesh_proto::Event;
+use telemesh_quic::pki::write_mesh;
 
 fn config(
     dir: &std::path::Path,

@@ -1,5 +1,6 @@
-//! The `telemesh` command line: one binary for every role. Only argument parsing and process
-//! set-up live here; each role's work lives in its crate.
+//! The `telemesh` command line: one binary for every role. Argument parsing and process
+//! set-up live here, and the two tools that use every role at once: `telemesh demo` and
+//! `telemesh sim`. Each role's work lives in its crate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +8,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use telemesh_edge::{Agent, BrokerErrorCounter, EdgeConfig};
+
+mod demo;
+mod sim;
 
 /// IoT edge-to-cloud event mesh.
 #[derive(Debug, Parser)]
@@ -193,7 +197,7 @@ fn run_sub(
     json: bool,
     gaps: bool,
 ) -> Result<()> {
-    use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+    use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
     let cfg = ClientConfig::load(config).with_context(|| format!("config {}", config.display()))?;
     let start = parse_start(from)?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
@@ -261,7 +265,7 @@ fn run_sub(
 }
 
 fn run_status(config: &std::path::Path, json: bool) -> Result<()> {
-    use telemesh_mesh::client::{Client, ClientConfig};
+    use telemesh_client::{Client, ClientConfig};
     let cfg = ClientConfig::load(config).with_context(|| format!("config {}", config.display()))?;
     let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     rt.block_on(async move {
@@ -427,8 +431,7 @@ fn main() -> Result<()> {
         } => run_sub(&config, filters, &from, durable, count, timeout, json, gaps)?,
         Command::Status { config, json } => run_status(&config, json)?,
         Command::Demo { duration, rate } => {
-            let summary =
-                telemesh_edge::demo::run(telemesh_edge::demo::DemoOptions { duration, rate })?;
+            let summary = demo::run(demo::DemoOptions { duration, rate })?;
             println!("{summary}");
             if !summary.zero_loss() {
                 anyhow::bail!("events were lost or duplicated");
@@ -444,7 +447,7 @@ fn main() -> Result<()> {
             topic,
             inflight,
         } => {
-            let opts = telemesh_edge::sim::SimOptions {
+            let opts = sim::SimOptions {
                 mqtt,
                 devices,
                 rate,
@@ -456,7 +459,7 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             let rt = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
-            let report = rt.block_on(telemesh_edge::sim::run(opts));
+            let report = rt.block_on(sim::run(opts));
             println!("{report}");
             for e in &report.errors {
                 tracing::error!(error = %e, "device failed");
@@ -474,7 +477,7 @@ fn main() -> Result<()> {
             edges,
             clients,
         } => {
-            let files = telemesh_mesh::pki::write_mesh(&out, &nodes, &edges, &clients)
+            let files = telemesh_quic::pki::write_mesh(&out, &nodes, &edges, &clients)
                 .context("cannot write certificates")?;
             for f in files {
                 println!("{}", f.display());

@@ -44,7 +44,7 @@ fn every_deploy_config_parses_and_validates() {
             "client.toml" => {
                 let f = certs.path().join("client.toml");
                 std::fs::write(&f, &text).unwrap();
-                telemesh_mesh::client::ClientConfig::load(&f)
+                telemesh_client::ClientConfig::load(&f)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             }
             other => panic!("unexpected config {other} in deploy/"),

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_mesh::log::{inspect, Record};
-use telemesh_mesh::relay::Relay;
 use telemesh_proto::Start;
+use telemesh_quic::relay::Relay;
 
 const SITES: [&str; 3] = ["a", "b", "c"];
 const WAVE: u64 = 1_500;
@@ -139,7 +139,7 @@ async fn consume(dir: &Path, me: &str, port: u16, total: usize) -> BTreeMap<Stri
 fn a_triangle_of_sites_delivers_every_event_once_through_a_cut_and_a_node_kill() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    telemesh_mesh::pki::write_mesh(
+    telemesh_quic::pki::write_mesh(
         &d.join("certs"),
         &["node-a".into(), "node-b".into(), "node-c".into()],
         &["gw-a".into(), "gw-b".into(), "gw-c".into()],

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_proto::Start;
 
 fn get(addr: SocketAddr, path: &str) -> String {
@@ -51,7 +51,7 @@ fn samples(text: &str) -> std::collections::HashMap<String, f64> {
 fn edge_and_node_scrapes_hold_the_slis() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    telemesh_mesh::pki::write_mesh(
+    telemesh_quic::pki::write_mesh(
         &d.join("certs"),
         &["node-a".into()],
         &["gw-crash".into()],

@@ -6,13 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
 use telemesh_edge::buffer::Incoming;
 use telemesh_gateway::UplinkOptions;
-use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
-use telemesh_mesh::pki::write_mesh;
-use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
 use telemesh_proto::Start;
+use telemesh_quic::pki::write_mesh;
+use telemesh_quic::tls::load_roots;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {

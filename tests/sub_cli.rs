@@ -5,8 +5,8 @@ use std::process::Command;
 
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
 use telemesh_proto::Event;
+use telemesh_quic::pki::write_mesh;
 
 fn sub(client_toml: &std::path::Path, args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_telemesh"))

@@ -67,7 +67,7 @@ fn node_events(dir: &Path) -> Vec<(u64, u64, u64)> {
 #[test]
 fn events_reach_the_node_exactly_once_across_a_node_kill() {
     let dir = tempfile::tempdir().unwrap();
-    telemesh_mesh::pki::write_mesh(
+    telemesh_quic::pki::write_mesh(
         &dir.path().join("certs"),
         &["node-a".into()],
         &["gw-crash".into()],

@@ -14,10 +14,10 @@ use telemesh_gateway::UplinkOptions;
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::{write_mesh, Authority, Kind};
-use telemesh_mesh::relay::Relay;
-use telemesh_mesh::tls::load_roots;
 use telemesh_proto::forwarder::ForwarderConfig;
+use telemesh_quic::pki::{write_mesh, Authority, Kind};
+use telemesh_quic::relay::Relay;
+use telemesh_quic::tls::load_roots;
 
 /// A temporary directory with certificates for node-a and gw-1.
 fn certs_for_gw1() -> tempfile::TempDir {
@@ -155,7 +155,7 @@ async fn expired_and_unlisted_certificates_send_nothing() {
     std::fs::create_dir_all(&certs).unwrap();
     let ca = Authority::new("mesh CA").unwrap();
     std::fs::write(certs.join("ca.pem"), ca.cert_pem()).unwrap();
-    let write = |file: &str, issued: telemesh_mesh::pki::Issued| {
+    let write = |file: &str, issued: telemesh_quic::pki::Issued| {
         std::fs::write(certs.join(format!("{file}.pem")), issued.cert_pem).unwrap();
         std::fs::write(certs.join(format!("{file}.key")), issued.key_pem).unwrap();
     };
@@ -329,7 +329,7 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
-    use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+    use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
     let dir = tempfile::tempdir().unwrap();
     write_mesh(
         &dir.path().join("certs"),

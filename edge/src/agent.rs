@@ -226,9 +226,9 @@ impl Agent {
         let uplink_metrics = Arc::new(telemesh_gateway::UplinkMetrics::default());
         let uplink = match (&cfg.uplink, &runtime) {
             (Some(u), Some(rt)) => {
-                let roots = telemesh_mesh::tls::load_roots(&u.ca)
+                let roots = telemesh_quic::tls::load_roots(&u.ca)
                     .map_err(|e| AgentError::Tls(e.to_string()))?;
-                let identity = telemesh_mesh::tls::Identity::load(&u.cert, &u.key)
+                let identity = telemesh_quic::tls::Identity::load(&u.cert, &u.key)
                     .map_err(|e| AgentError::Tls(e.to_string()))?;
                 // The node accepts events only under the origin its certificate names.
                 let named = identity.name();
@@ -290,12 +290,12 @@ impl Agent {
                     uplink: uplink_metrics.clone(),
                 };
                 let edge = buffer.metrics().clone();
-                let health: telemesh_mesh::metrics::Health = Arc::new(move || {
+                let health: telemesh_http::Health = Arc::new(move || {
                     let failed = edge.write_errors.load(Ordering::Relaxed);
                     (failed > 0).then(|| format!("buffer writer failed ({failed} write errors)"))
                 });
                 let served = rt
-                    .block_on(telemesh_mesh::metrics::serve_http(
+                    .block_on(telemesh_http::serve_http(
                         m.listen,
                         Box::new(collector),
                         health,

@@ -28,7 +28,7 @@ pub struct EdgeConfig {
     /// The uplink to the mesh (optional: without it the agent only buffers).
     pub uplink: Option<UplinkSection>,
     /// `GET /metrics` and `GET /healthz` (optional).
-    pub metrics: Option<telemesh_mesh::config::MetricsSection>,
+    pub metrics: Option<telemesh_http::MetricsSection>,
 }
 
 /// `[uplink]`: batches over QUIC with mutual TLS to the first node that answers.
@@ -255,8 +255,8 @@ impl Default for BufferSection {
     }
 }
 
-pub use telemesh_mesh::config::ConfigError;
-use telemesh_mesh::config::{invalid, read_file};
+pub use telemesh_quic::config::ConfigError;
+use telemesh_quic::config::{invalid, read_file};
 
 impl EdgeConfig {
     /// Parses and validates TOML text.

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 
-use telemesh_mesh::metrics::{counter, gauge, Latency};
+use telemesh_http::{counter, gauge, Latency};
 use telemesh_proto::GapReason;
 
 /// Counters of one edge agent.

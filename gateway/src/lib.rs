@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use telemesh_mesh::tls::{self, Identity};
-use telemesh_mesh::wire::{deflate, write_frame, FrameReader, WireError};
 use telemesh_proto::forwarder::{BufferedGap, ForwardError, Forwarder, ForwarderConfig, Trim};
 use telemesh_proto::frame::Compression;
 use telemesh_proto::{Event, Frame, Role, PROTOCOL_VERSION};
+use telemesh_quic::tls::{self, Identity};
+use telemesh_quic::wire::{deflate, write_frame, FrameReader, WireError};
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
@@ -100,7 +100,7 @@ impl Pace {
 
 /// Re-exported so callers name the same rustls as the mesh.
 pub mod rustls_roots {
-    pub use telemesh_mesh::tls::RootCertStore;
+    pub use telemesh_quic::tls::RootCertStore;
 }
 
 /// The uplink's counters.

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use telemesh_proto::topic::validate_filter;
 use telemesh_proto::Role;
 
+pub use telemesh_http::MetricsSection;
+pub use telemesh_quic::config::{invalid, read_file, ConfigError};
+
 use crate::log::Sync;
 
 /// The whole `node.toml`.
@@ -96,14 +99,6 @@ impl Replicate {
                 .to_owned()
         })
     }
-}
-
-/// `[metrics]`
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    /// TCP address for HTTP.
-    pub listen: SocketAddr,
 }
 
 /// `[retention]`: the log deletes its oldest records in the background, in chunks, never
@@ -215,46 +210,6 @@ impl RoleName {
             RoleName::Peer => Role::Peer,
         }
     }
-}
-
-/// A config that cannot work.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Not the schema (unknown key, wrong type).
-    #[error("{0}")]
-    Parse(#[from] toml::de::Error),
-    /// An impossible value.
-    #[error("{key}: {why}")]
-    Invalid {
-        /// The key.
-        key: String,
-        /// Why.
-        why: String,
-    },
-}
-
-/// An impossible value of `key` (as `section.key`), and why.
-pub fn invalid(key: impl Into<String>, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        why: why.into(),
-    }
-}
-
-/// A config file's text.
-pub fn read_file(path: &std::path::Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 impl NodeConfig {

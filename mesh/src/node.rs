@@ -23,8 +23,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::{Access, NodeConfig};
 use crate::log::{wait_commit, NodeLog, Pending, Record};
 use crate::replica::UpstreamState;
-use crate::tls::{self, Identity, TlsError};
-use crate::wire::{write_frame, FrameReader, WireError};
+use telemesh_quic::tls::{self, Identity, TlsError};
+use telemesh_quic::wire::{write_frame, FrameReader, WireError};
 
 /// The node's counters and latency histograms.
 #[derive(Debug, Default)]
@@ -53,9 +53,9 @@ pub struct NodeMetrics {
     /// (A watch, so that it can be waited on.)
     pub consumers_expired: tokio::sync::watch::Sender<u64>,
     /// Edge receive (the event's `ts_us`) to this node's commit, per event from an uplink.
-    pub ingest_latency: crate::metrics::Latency,
+    pub ingest_latency: telemesh_http::Latency,
     /// Edge receive to delivery to a consumer, per event.
-    pub delivery_latency: crate::metrics::Latency,
+    pub delivery_latency: telemesh_http::Latency,
     /// Errors sent (refusals, closes, refused batches and events) by code.
     pub errors: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
@@ -956,7 +956,7 @@ async fn consumer(
                     .fetch_add(round.events() as u64, Relaxed);
                 let frame = round.into_frame(head);
                 if zstd {
-                    match crate::wire::deflate(&frame) {
+                    match telemesh_quic::wire::deflate(&frame) {
                         Ok(f) => f,
                         Err(e) => {
                             warn!(error = %e, "compression failed");

@@ -24,7 +24,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::config::{Replicate, ReplicateCompression, ReplicateStart};
 use crate::log::{IngestOutcome, NodeLog, Pending, ReplicaBatch};
-use crate::wire::{write_frame, FrameReader};
+use telemesh_quic::wire::{write_frame, FrameReader};
 
 /// Replication commits in flight per upstream, at most.
 const MAX_PENDING: usize = 32;

@@ -11,13 +11,13 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use telemesh_mesh::client::{Client, ClientConfig};
+use telemesh_client::{Client, ClientConfig};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::{NodeLog, Record};
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
 use telemesh_mesh::replica::UpstreamState;
 use telemesh_proto::{Event, Frame};
+use telemesh_quic::pki::write_mesh;
 
 fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -544,7 +544,7 @@ async fn rounds_of_large_events_stay_within_the_frame_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_link_is_given_up_within_seconds_and_replication_resumes_after_the_cut() {
-    use telemesh_mesh::relay::Relay;
+    use telemesh_quic::relay::Relay;
     let dir = setup(&["node-a", "node-b"]);
     let (pa, pb) = (free_port(), free_port());
     let a = start(dir.path(), "node-a", pa, &["node-b"], &[]).await;

@@ -8,11 +8,11 @@ use std::path::Path;
 
 use common::http_get;
 
-use telemesh_mesh::client::{Client, ClientConfig, ClientError, Item, SubscribeOptions};
+use telemesh_client::{Client, ClientConfig, ClientError, Item, SubscribeOptions};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::write_mesh;
 use telemesh_proto::{ErrorCode, Event, Start};
+use telemesh_quic::pki::write_mesh;
 
 fn node_config(dir: &Path) -> NodeConfig {
     let c = dir.join("certs");

@@ -7,10 +7,10 @@ use std::path::Path;
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::pki::{write_mesh, Authority, Kind};
-use telemesh_mesh::tls::{client_config, load_roots, Identity};
-use telemesh_mesh::wire::{write_frame, FrameReader};
 use telemesh_proto::{ErrorCode, Event, Frame, Role, PROTOCOL_VERSION};
+use telemesh_quic::pki::{write_mesh, Authority, Kind};
+use telemesh_quic::tls::{client_config, load_roots, Identity};
+use telemesh_quic::wire::{write_frame, FrameReader};
 
 fn node_config(dir: &Path) -> NodeConfig {
     let c = dir.join("certs");
@@ -363,7 +363,7 @@ async fn malformed_frames_close_that_connection_and_others_keep_being_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uplinks_and_consumers_each_see_everything_once_in_order() {
-    use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+    use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
     let dir = tempfile::tempdir().unwrap();
     write_mesh(
         &dir.path().join("certs"),
@@ -444,8 +444,8 @@ async fn concurrent_uplinks_and_consumers_each_see_everything_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_batches_only_where_agreed_and_never_beyond_the_frame_limit() {
-    use telemesh_mesh::wire::deflate;
     use telemesh_proto::frame::Compression;
+    use telemesh_quic::wire::deflate;
     let dir = tempfile::tempdir().unwrap();
     write_mesh(
         &dir.path().join("certs"),

@@ -222,7 +222,7 @@ pub struct RunningUplink {
     /// Its counters.
     pub metrics: std::sync::Arc<telemesh_gateway::UplinkMetrics>,
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), telemesh_mesh::tls::TlsError>>,
+    task: tokio::task::JoinHandle<Result<(), telemesh_quic::tls::TlsError>>,
 }
 
 impl RunningUplink {
@@ -234,7 +234,7 @@ impl RunningUplink {
         cert: &str,
         buffer: &telemesh_edge::buffer::Buffer,
     ) -> RunningUplink {
-        let identity = telemesh_mesh::tls::Identity::load(
+        let identity = telemesh_quic::tls::Identity::load(
             &certs.join(format!("{cert}.pem")),
             &certs.join(format!("{cert}.key")),
         )

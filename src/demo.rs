@@ -14,15 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_edge::buffer::now_us;
+use telemesh_edge::{Agent, EdgeConfig};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
-use telemesh_mesh::relay::Relay;
 use telemesh_proto::Start;
+use telemesh_quic::relay::Relay;
 
-use crate::buffer::now_us;
 use crate::sim::SimOptions;
-use crate::{Agent, EdgeConfig};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -158,7 +158,7 @@ fn edge_config(
 pub fn run(opts: DemoOptions) -> Result<DemoSummary, DemoError> {
     let tmp = tempfile::tempdir().map_err(|e| err("temporary directory")(e.to_string()))?;
     let dir = tmp.path();
-    telemesh_mesh::pki::write_mesh(
+    telemesh_quic::pki::write_mesh(
         &dir.join("certs"),
         &["node-a".into(), "node-b".into()],
         &["site-a-gw".into(), "site-b-gw".into()],

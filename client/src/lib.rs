@@ -4,8 +4,8 @@
 //! sends more than `credit_window` events ahead of the service.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), telemesh_mesh::client::ClientError> {
-//! use telemesh_mesh::client::{Client, ClientConfig, Item, SubscribeOptions};
+//! # async fn demo() -> Result<(), telemesh_client::ClientError> {
+//! use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
 //! let cfg = ClientConfig::load(std::path::Path::new("client.toml"))?;
 //! let client = Client::connect(&cfg).await?;
 //! let mut sub = client
@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use telemesh_proto::frame::{Compression, Delivered, DeliveredGap};
 use telemesh_proto::{ErrorCode, Frame, Role, Start, PROTOCOL_VERSION};
 
-use crate::tls::{self, Identity};
-use crate::wire::{write_frame, FrameReader, WireError};
+use telemesh_quic::tls::{self, Identity};
+use telemesh_quic::wire::{write_frame, FrameReader, WireError};
 
 /// `client.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

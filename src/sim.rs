@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinSet;
 
-use crate::buffer::now_us;
+use telemesh_edge::buffer::now_us;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
