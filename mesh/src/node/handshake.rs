@@ -1,0 +1,174 @@
+//! Connection set-up: every connection's identity comes from its certificate, and every
+//! stream opens with a hello that is checked (version, identity, `[[access]]`, limits) and
+//! answered with a welcome or a reject before the stream is handed to its role.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use telemesh_proto::frame::Compression;
+use telemesh_proto::{ErrorCode, Frame, Role, PROTOCOL_VERSION};
+use tracing::{debug, warn, Instrument};
+
+use super::ingest::uplink;
+use super::subscribe::consumer;
+use super::Ctx;
+use telemesh_quic::tls::{self};
+use telemesh_quic::wire::{write_frame, FrameReader};
+
+fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    conn.close(
+        quinn::VarInt::from_u32(u32::from(code.0)),
+        reason.as_bytes(),
+    );
+}
+
+/// A malformed or unexpected frame: counted, logged, and the connection closed with `code`.
+pub(super) fn protocol_error(ctx: &Ctx, conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    ctx.metrics.protocol_errors.fetch_add(1, Relaxed);
+    ctx.metrics.count_error(code, 1);
+    warn!(%code, %reason, "protocol error: closing the connection");
+    close(conn, code, reason);
+}
+
+async fn reject(
+    send: &mut quinn::SendStream,
+    conn: &quinn::Connection,
+    ctx: &Ctx,
+    code: ErrorCode,
+    reason: String,
+) {
+    ctx.metrics.refused.fetch_add(1, Relaxed);
+    ctx.metrics.count_error(code, 1);
+    warn!(%code, %reason, "connection refused");
+    let _ = write_frame(
+        send,
+        &Frame::Reject {
+            code,
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    close(conn, code, &reason);
+}
+
+pub(super) async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
+    let Some(identity) = tls::peer_identity(&conn) else {
+        ctx.metrics.refused.fetch_add(1, Relaxed);
+        ctx.metrics.count_error(ErrorCode::UNKNOWN_IDENTITY, 1);
+        close(
+            &conn,
+            ErrorCode::UNKNOWN_IDENTITY,
+            "no identity in the client certificate",
+        );
+        return;
+    };
+    let span = tracing::info_span!("peer", %identity);
+    // Every stream of the connection opens with its own hello (a consumer may run several
+    // subscriptions on one connection).
+    async move {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            tokio::spawn(
+                stream(conn.clone(), identity.clone(), send, recv, ctx.clone())
+                    .instrument(tracing::Span::current()),
+            );
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn stream(
+    conn: quinn::Connection,
+    identity: String,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    ctx: Arc<Ctx>,
+) {
+    {
+        let max_frame = ctx.cfg.node.max_frame_bytes.as_u64() as u32;
+        let mut reader = FrameReader::new(recv, max_frame);
+        let hello = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                return;
+            }
+        };
+        let Frame::Hello {
+            version,
+            role,
+            id,
+            max_event_bytes,
+            compression: offered,
+        } = hello
+        else {
+            protocol_error(
+                &ctx,
+                &conn,
+                ErrorCode::UNEXPECTED_FRAME,
+                "the first frame must be a hello",
+            );
+            return;
+        };
+        if version != PROTOCOL_VERSION {
+            let why = format!("protocol version {version} is not {PROTOCOL_VERSION}");
+            return reject(&mut send, &conn, &ctx, ErrorCode::UNSUPPORTED_VERSION, why).await;
+        }
+        if id != identity {
+            let why = format!("hello id {id:?} differs from the certificate's {identity:?}");
+            return reject(&mut send, &conn, &ctx, ErrorCode::IDENTITY_MISMATCH, why).await;
+        }
+        let Some(access) = ctx.cfg.access_for(&identity, role).cloned() else {
+            let known = ctx.cfg.access.iter().any(|a| a.identity == identity);
+            let (code, why) = if known {
+                (
+                    ErrorCode::ROLE_DENIED,
+                    format!("{identity} may not connect as {}", role.as_str()),
+                )
+            } else {
+                (
+                    ErrorCode::UNKNOWN_IDENTITY,
+                    format!("{identity} has no access entry"),
+                )
+            };
+            return reject(&mut send, &conn, &ctx, code, why).await;
+        };
+        let node_max = ctx.cfg.node.max_event_bytes.as_u64() as u32;
+        if role == Role::Uplink && max_event_bytes > node_max {
+            let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
+            return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
+        }
+        // An uplink that offers zstd may send its batches compressed; a peer that offers it
+        // gets its replication rounds compressed.
+        let compression = if role != Role::Consumer && offered.contains(&Compression::Zstd) {
+            if role == Role::Uplink {
+                reader.accept_compressed();
+            }
+            Compression::Zstd
+        } else {
+            Compression::None
+        };
+        let welcome = Frame::Welcome {
+            version: PROTOCOL_VERSION,
+            node_id: ctx.cfg.node.id.clone(),
+            incarnation: ctx.log.incarnation(),
+            max_event_bytes: node_max,
+            max_frame_bytes: max_frame,
+            compression,
+        };
+        if write_frame(&mut send, &welcome).await.is_err() {
+            return;
+        }
+        ctx.metrics.connections.fetch_add(1, Relaxed);
+        debug!(role = role.as_str(), "welcomed");
+        if role == Role::Consumer || role == Role::Peer {
+            let zstd = compression == Compression::Zstd;
+            consumer(conn, identity, role, zstd, access, reader, send, ctx).await;
+        } else {
+            uplink(conn, identity, access, reader, send, ctx).await;
+        }
+    }
+}
