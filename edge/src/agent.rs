@@ -60,10 +60,7 @@ pub struct Agent {
     tap: Option<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     durable: Option<DurableServer>,
-    uplink: Option<(
-        tokio::sync::watch::Sender<bool>,
-        tokio::task::JoinHandle<()>,
-    )>,
+    uplink: Option<UplinkTask>,
     uplink_metrics: Arc<telemesh_gateway::UplinkMetrics>,
     metrics_http: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
@@ -132,182 +129,232 @@ fn broker_config(cfg: &EdgeConfig) -> rumqttd::Config {
     }
 }
 
-impl Agent {
-    /// Opens the buffer, starts the broker and the tap.
-    pub fn start(cfg: &EdgeConfig) -> Result<Agent, AgentError> {
-        let metrics = Arc::new(EdgeMetrics::default());
-        // Bind once ourselves so that a taken port is a clear error (rumqttd only logs it).
-        for addr in std::iter::once(cfg.mqtt.listen)
-            .chain(cfg.mqtt.listen_v5)
-            .chain(cfg.durable.as_ref().map(|d| d.listen))
-        {
-            TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?;
+/// Binds every configured TCP port once, so that a taken port is a clear error (rumqttd
+/// only logs it).
+fn check_ports(cfg: &EdgeConfig) -> Result<(), AgentError> {
+    for addr in std::iter::once(cfg.mqtt.listen)
+        .chain(cfg.mqtt.listen_v5)
+        .chain(cfg.durable.as_ref().map(|d| d.listen))
+    {
+        TcpListener::bind(addr).map_err(|source| AgentError::Bind { addr, source })?;
+    }
+    Ok(())
+}
+
+/// Starts the embedded broker on its own thread and the tap that copies every publish into
+/// the buffer (subscribed to `#` before any device can connect, so offsets start at 0).
+fn start_broker_and_tap(
+    cfg: &EdgeConfig,
+    buffer: &Buffer,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, AgentError> {
+    let mut broker = Broker::new(broker_config(cfg));
+    let tap_id = format!("telemesh-tap-{:016x}", rand::random::<u64>());
+    let (mut link_tx, link_rx) = broker
+        .link(&tap_id)
+        .map_err(|e| AgentError::Broker(e.to_string()))?;
+    link_tx
+        .subscribe("#")
+        .map_err(|e| AgentError::Broker(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(|e| AgentError::Broker(e.to_string()))?;
+    let tap = Tap {
+        handle: buffer.handle(),
+        next_offset: 0,
+    };
+    std::thread::Builder::new()
+        .name("mqtt-tap".into())
+        .spawn(move || {
+            // Keep the link's sender alive as long as the tap runs.
+            let _link_tx = link_tx;
+            tap.run(link_rx, &stop)
+        })
+        .map_err(|e| AgentError::Broker(e.to_string()))
+}
+
+/// The runtime of the durable port, the uplink and the HTTP surface (none if none is set).
+fn io_runtime(cfg: &EdgeConfig) -> Result<Option<tokio::runtime::Runtime>, AgentError> {
+    if cfg.durable.is_none() && cfg.uplink.is_none() && cfg.metrics.is_none() {
+        return Ok(None);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agent-io")
+        .enable_all()
+        .build()
+        .map(Some)
+        .map_err(|e| AgentError::Broker(e.to_string()))
+}
+
+/// Starts the durable-ack MQTT port.
+fn start_durable(
+    d: &crate::config::DurableSection,
+    rt: &tokio::runtime::Runtime,
+    buffer: &Buffer,
+) -> Result<DurableServer, AgentError> {
+    let tls = d
+        .tls
+        .as_ref()
+        .map(server_tls)
+        .transpose()
+        .map_err(AgentError::Tls)?;
+    let opts = DurableOptions {
+        listen: d.listen,
+        tls,
+        users: d.users.clone(),
+        max_connections: d.max_connections,
+        max_inflight: d.max_inflight,
+        max_packet: d.max_packet.as_u64() as usize,
+        connect_timeout: d.connect_timeout,
+    };
+    rt.block_on(DurableServer::start(
+        opts,
+        buffer.handle(),
+        buffer.reader(),
+        buffer.metrics().clone(),
+    ))
+    .map_err(|source| AgentError::Bind {
+        addr: d.listen,
+        source,
+    })
+}
+
+/// The uplink's settings from `[uplink]`, and its certificate, which must name the agent
+/// (the node accepts events only under the origin its certificate names).
+fn uplink_options(
+    cfg: &EdgeConfig,
+    u: &crate::config::UplinkSection,
+) -> Result<
+    (
+        telemesh_gateway::UplinkOptions,
+        telemesh_quic::tls::Identity,
+    ),
+    AgentError,
+> {
+    let roots =
+        telemesh_quic::tls::load_roots(&u.ca).map_err(|e| AgentError::Tls(e.to_string()))?;
+    let identity = telemesh_quic::tls::Identity::load(&u.cert, &u.key)
+        .map_err(|e| AgentError::Tls(e.to_string()))?;
+    let named = identity.name();
+    if named.as_deref() != Some(cfg.agent.id.as_str()) {
+        return Err(AgentError::Tls(format!(
+            "uplink.cert names {:?}, but agent.id is {:?}: they must be the same",
+            named.unwrap_or_default(),
+            cfg.agent.id
+        )));
+    }
+    let opts = telemesh_gateway::UplinkOptions {
+        nodes: u.nodes.clone(),
+        server_name: u.server_name.clone(),
+        roots,
+        forwarder: telemesh_proto::forwarder::ForwarderConfig {
+            batch_max_events: u.batch_max_events,
+            batch_max_bytes: u.batch_max_bytes.as_u64() as usize,
+            window: u.window,
+            linger: u.linger,
+        },
+        max_event_bytes: (cfg.mqtt.max_payload.as_u64() + 65_535) as u32,
+        backoff_max: u.backoff_max,
+        connect_timeout: u.connect_timeout,
+        failback_interval: u.failback_interval,
+        ack_timeout: u.ack_timeout,
+        compression: match u.compression {
+            crate::config::UplinkCompression::None => telemesh_proto::frame::Compression::None,
+            crate::config::UplinkCompression::Zstd => telemesh_proto::frame::Compression::Zstd,
+        },
+        max_bandwidth: u.max_bandwidth.map(|b| b.as_u64()),
+    };
+    Ok((opts, identity))
+}
+
+/// A running uplink: the sender that stops it, and its task.
+type UplinkTask = (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Starts the gateway uplink draining the buffer.
+fn start_uplink(
+    cfg: &EdgeConfig,
+    u: &crate::config::UplinkSection,
+    rt: &tokio::runtime::Runtime,
+    buffer: &Buffer,
+    metrics: &Arc<telemesh_gateway::UplinkMetrics>,
+) -> Result<UplinkTask, AgentError> {
+    let (opts, identity) = uplink_options(cfg, u)?;
+    let source =
+        crate::uplink::BufferSource::new(buffer.reader(), buffer.handle(), buffer.commits());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let origin = cfg.agent.id.clone();
+    let m = metrics.clone();
+    let task = rt.spawn(async move {
+        if let Err(e) = telemesh_gateway::run(origin, opts, identity, source, m, stop_rx).await {
+            error!(error = %e, "uplink stopped");
         }
+    });
+    Ok((stop_tx, task))
+}
+
+/// Serves `/metrics` and `/healthz` (503 once the buffer writer failed).
+fn serve_metrics(
+    m: &telemesh_http::MetricsSection,
+    rt: &tokio::runtime::Runtime,
+    buffer: &Buffer,
+    uplink: &Arc<telemesh_gateway::UplinkMetrics>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AgentError> {
+    let collector = crate::metrics::EdgeCollector {
+        edge: buffer.metrics().clone(),
+        uplink: uplink.clone(),
+    };
+    let edge = buffer.metrics().clone();
+    let health: telemesh_http::Health = Arc::new(move || {
+        let failed = edge.write_errors.load(Ordering::Relaxed);
+        (failed > 0).then(|| format!("buffer writer failed ({failed} write errors)"))
+    });
+    rt.block_on(telemesh_http::serve_http(
+        m.listen,
+        Box::new(collector),
+        health,
+    ))
+    .map_err(|source| AgentError::Bind {
+        addr: m.listen,
+        source,
+    })
+}
+
+impl Agent {
+    /// Opens the buffer, starts the broker and the tap, and — where configured — the durable
+    /// port, the uplink and the HTTP surface.
+    pub fn start(cfg: &EdgeConfig) -> Result<Agent, AgentError> {
+        check_ports(cfg)?;
         let buffer = Buffer::open(
             &cfg.agent.data_dir.join("buffer"),
             &cfg.agent.id,
             cfg.buffer_options(),
-            metrics,
+            Arc::new(EdgeMetrics::default()),
         )?;
-        let mut broker = Broker::new(broker_config(cfg));
-        let tap_id = format!("telemesh-tap-{:016x}", rand::random::<u64>());
-        let (mut link_tx, link_rx) = broker
-            .link(&tap_id)
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
-        link_tx
-            .subscribe("#")
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
-        std::thread::Builder::new()
-            .name("mqtt-broker".into())
-            .spawn(move || {
-                if let Err(e) = broker.start() {
-                    error!(error = %e, "embedded broker stopped");
-                }
-            })
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let tap = Tap {
-            handle: buffer.handle(),
-            next_offset: 0,
-        };
-        let tap_stop = stop.clone();
-        let tap = std::thread::Builder::new()
-            .name("mqtt-tap".into())
-            .spawn(move || {
-                // Keep the link's sender alive as long as the tap runs.
-                let _link_tx = link_tx;
-                tap.run(link_rx, &tap_stop)
-            })
-            .map_err(|e| AgentError::Broker(e.to_string()))?;
-        let runtime = if cfg.durable.is_some() || cfg.uplink.is_some() || cfg.metrics.is_some() {
-            Some(
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .thread_name("agent-io")
-                    .enable_all()
-                    .build()
-                    .map_err(|e| AgentError::Broker(e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        let durable = match (&cfg.durable, &runtime) {
-            (Some(d), Some(rt)) => {
-                let tls = d
-                    .tls
-                    .as_ref()
-                    .map(server_tls)
-                    .transpose()
-                    .map_err(AgentError::Tls)?;
-                let opts = DurableOptions {
-                    listen: d.listen,
-                    tls,
-                    users: d.users.clone(),
-                    max_connections: d.max_connections,
-                    max_inflight: d.max_inflight,
-                    max_packet: d.max_packet.as_u64() as usize,
-                    connect_timeout: d.connect_timeout,
-                };
-                let server = rt
-                    .block_on(DurableServer::start(
-                        opts,
-                        buffer.handle(),
-                        buffer.reader(),
-                        buffer.metrics().clone(),
-                    ))
-                    .map_err(|source| AgentError::Bind {
-                        addr: d.listen,
-                        source,
-                    })?;
-                Some(server)
-            }
-            _ => None,
-        };
+        let tap = start_broker_and_tap(cfg, &buffer, stop.clone())?;
+        let runtime = io_runtime(cfg)?;
         let uplink_metrics = Arc::new(telemesh_gateway::UplinkMetrics::default());
-        let uplink = match (&cfg.uplink, &runtime) {
-            (Some(u), Some(rt)) => {
-                let roots = telemesh_quic::tls::load_roots(&u.ca)
-                    .map_err(|e| AgentError::Tls(e.to_string()))?;
-                let identity = telemesh_quic::tls::Identity::load(&u.cert, &u.key)
-                    .map_err(|e| AgentError::Tls(e.to_string()))?;
-                // The node accepts events only under the origin its certificate names.
-                let named = identity.name();
-                if named.as_deref() != Some(cfg.agent.id.as_str()) {
-                    return Err(AgentError::Tls(format!(
-                        "uplink.cert names {:?}, but agent.id is {:?}: they must be the same",
-                        named.unwrap_or_default(),
-                        cfg.agent.id
-                    )));
-                }
-                let opts = telemesh_gateway::UplinkOptions {
-                    nodes: u.nodes.clone(),
-                    server_name: u.server_name.clone(),
-                    roots,
-                    forwarder: telemesh_proto::forwarder::ForwarderConfig {
-                        batch_max_events: u.batch_max_events,
-                        batch_max_bytes: u.batch_max_bytes.as_u64() as usize,
-                        window: u.window,
-                        linger: u.linger,
-                    },
-                    max_event_bytes: (cfg.mqtt.max_payload.as_u64() + 65_535) as u32,
-                    backoff_max: u.backoff_max,
-                    connect_timeout: u.connect_timeout,
-                    failback_interval: u.failback_interval,
-                    ack_timeout: u.ack_timeout,
-                    compression: match u.compression {
-                        crate::config::UplinkCompression::None => {
-                            telemesh_proto::frame::Compression::None
-                        }
-                        crate::config::UplinkCompression::Zstd => {
-                            telemesh_proto::frame::Compression::Zstd
-                        }
-                    },
-                    max_bandwidth: u.max_bandwidth.map(|b| b.as_u64()),
-                };
-                let source = crate::uplink::BufferSource::new(
-                    buffer.reader(),
-                    buffer.handle(),
-                    buffer.commits(),
-                );
-                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                let origin = cfg.agent.id.clone();
-                let m = uplink_metrics.clone();
-                let task = rt.spawn(async move {
-                    if let Err(e) =
-                        telemesh_gateway::run(origin, opts, identity, source, m, stop_rx).await
-                    {
-                        error!(error = %e, "uplink stopped");
-                    }
-                });
-                Some((stop_tx, task))
+        let (mut durable, mut uplink, mut metrics_http) = (None, None, None);
+        if let Some(rt) = &runtime {
+            if let Some(d) = &cfg.durable {
+                durable = Some(start_durable(d, rt, &buffer)?);
             }
-            _ => None,
-        };
-        let metrics_http = match (&cfg.metrics, &runtime) {
-            (Some(m), Some(rt)) => {
-                let collector = crate::metrics::EdgeCollector {
-                    edge: buffer.metrics().clone(),
-                    uplink: uplink_metrics.clone(),
-                };
-                let edge = buffer.metrics().clone();
-                let health: telemesh_http::Health = Arc::new(move || {
-                    let failed = edge.write_errors.load(Ordering::Relaxed);
-                    (failed > 0).then(|| format!("buffer writer failed ({failed} write errors)"))
-                });
-                let served = rt
-                    .block_on(telemesh_http::serve_http(
-                        m.listen,
-                        Box::new(collector),
-                        health,
-                    ))
-                    .map_err(|source| AgentError::Bind {
-                        addr: m.listen,
-                        source,
-                    })?;
-                Some(served)
+            if let Some(u) = &cfg.uplink {
+                uplink = Some(start_uplink(cfg, u, rt, &buffer, &uplink_metrics)?);
             }
-            _ => None,
-        };
+            if let Some(m) = &cfg.metrics {
+                metrics_http = Some(serve_metrics(m, rt, &buffer, &uplink_metrics)?);
+            }
+        }
         info!(
             id = %cfg.agent.id,
             listen = %cfg.mqtt.listen,

@@ -290,18 +290,13 @@ async fn answers(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session<S: Source>(
+/// Dials `node` (resolved now, verified as `server_name` or the node's host) within the
+/// connect timeout.
+async fn connect(
     endpoint: &quinn::Endpoint,
     node: &str,
-    preferred: Option<&str>,
     opts: &UplinkOptions,
-    origin: &str,
-    source: &S,
-    fwd: &mut Forwarder,
-    metrics: &UplinkMetrics,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), SessionError> {
+) -> Result<quinn::Connection, SessionError> {
     let (addr, host) = resolve(node).await?;
     let name = opts.server_name.clone().unwrap_or(host);
     let connect_err = |why: String| SessionError::Connect {
@@ -311,15 +306,31 @@ async fn session<S: Source>(
     let connecting = endpoint
         .connect(addr, &name)
         .map_err(|e| connect_err(e.to_string()))?;
-    let conn = tokio::time::timeout(opts.connect_timeout, connecting)
+    tokio::time::timeout(opts.connect_timeout, connecting)
         .await
         .map_err(|_| connect_err("no answer within the connect timeout".into()))?
-        .map_err(|e| connect_err(e.to_string()))?;
-    let _stats = CountUdpBytes(&conn, metrics);
-    let (mut send, recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
+        .map_err(|e| connect_err(e.to_string()))
+}
+
+/// The uplink's stream after a welcome: where batches go, where acks come from, and whether
+/// the node agreed to zstd.
+struct Welcomed {
+    send: quinn::SendStream,
+    reader: FrameReader,
+    zstd: bool,
+}
+
+/// Opens the uplink stream and says hello; a reject ends the session with its code.
+async fn handshake(
+    conn: &quinn::Connection,
+    node: &str,
+    opts: &UplinkOptions,
+    origin: &str,
+) -> Result<Welcomed, SessionError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| SessionError::Connect {
+        node: node.to_owned(),
+        why: e.to_string(),
+    })?;
     write_frame(
         &mut send,
         &Frame::Hello {
@@ -335,10 +346,6 @@ async fn session<S: Source>(
     )
     .await?;
     let mut reader = FrameReader::new(recv, 16 << 20);
-    let zstd;
-    let mut pace = opts
-        .max_bandwidth
-        .map(|rate| Pace::new(rate, std::time::Instant::now()));
     match reader.next().await? {
         Some(Frame::Welcome {
             node_id,
@@ -347,17 +354,108 @@ async fn session<S: Source>(
             ..
         }) => {
             info!(%node_id, incarnation, ?compression, "uplink connected");
-            zstd = compression == Compression::Zstd;
-        }
-        Some(Frame::Reject { code, reason }) => {
-            return Err(SessionError::Rejected {
-                node: node.to_owned(),
-                code,
-                reason,
+            Ok(Welcomed {
+                send,
+                reader,
+                zstd: compression == Compression::Zstd,
             })
         }
-        _ => return Err(SessionError::Closed),
+        Some(Frame::Reject { code, reason }) => Err(SessionError::Rejected {
+            node: node.to_owned(),
+            code,
+            reason,
+        }),
+        _ => Err(SessionError::Closed),
     }
+}
+
+/// Sends every batch the forwarder can make now (within its window), compressed where
+/// agreed and paced by the bandwidth cap.
+async fn send_batches<S: Source>(
+    up: &mut Welcomed,
+    fwd: &mut Forwarder,
+    source: &S,
+    pace: &mut Option<Pace>,
+    metrics: &UplinkMetrics,
+) -> Result<(), SessionError> {
+    while let Some(req) = fwd.wants_read() {
+        let events = source
+            .read(req.after, req.max_events)
+            .map_err(SessionError::Source)?;
+        let gaps = source.gaps().map_err(SessionError::Source)?;
+        let frames = fwd.on_read(std::time::Instant::now(), events, &gaps);
+        if frames.is_empty() {
+            break;
+        }
+        for f in &frames {
+            let n = if up.zstd {
+                write_frame(&mut up.send, &deflate(f)?).await?
+            } else {
+                write_frame(&mut up.send, f).await?
+            };
+            metrics.frame_bytes.fetch_add(n as u64, Relaxed);
+            metrics.batches_sent.fetch_add(1, Relaxed);
+            if let Some(p) = pace.as_mut() {
+                let wait = p.spend(std::time::Instant::now(), n);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
+    }
+    Ok(())
+}
+
+/// An acknowledgement moves the forwarder and trims the source through what the node
+/// committed; a refused batch ends the session (it is resent on the next).
+async fn on_node_frame<S: Source>(
+    frame: Option<Frame>,
+    fwd: &mut Forwarder,
+    source: &S,
+    metrics: &UplinkMetrics,
+) -> Result<(), SessionError> {
+    match frame {
+        Some(Frame::Ack { id, rejected }) => {
+            for r in &rejected {
+                warn!(seq = r.seq, code = %r.code, reason = %r.reason, "event refused by the node");
+            }
+            fwd.on_ack(id)?;
+            metrics.batches_acked.fetch_add(1, Relaxed);
+            metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
+            if let Some(t) = fwd.poll_trim() {
+                source.trim(t).await.map_err(SessionError::Source)?;
+            }
+            Ok(())
+        }
+        Some(Frame::BatchRefused { id, code, reason }) => {
+            Err(SessionError::BatchRefused { id, code, reason })
+        }
+        _ => Err(SessionError::Closed),
+    }
+}
+
+/// One connection to `node`: connect, hello, then batches out and acks in until the
+/// connection ends, the ack timeout passes, the first node answers again (`preferred`), or
+/// `shutdown` turns true (`Ok`).
+#[allow(clippy::too_many_arguments)]
+async fn session<S: Source>(
+    endpoint: &quinn::Endpoint,
+    node: &str,
+    preferred: Option<&str>,
+    opts: &UplinkOptions,
+    origin: &str,
+    source: &S,
+    fwd: &mut Forwarder,
+    metrics: &UplinkMetrics,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let conn = connect(endpoint, node, opts).await?;
+    let _stats = CountUdpBytes(&conn, metrics);
+    let mut up = handshake(&conn, node, opts, origin).await?;
+    let mut pace = opts
+        .max_bandwidth
+        .map(|rate| Pace::new(rate, std::time::Instant::now()));
     metrics.connected.store(true, Relaxed);
     fwd.on_connected();
     let mut changes = source.changes();
@@ -366,32 +464,7 @@ async fn session<S: Source>(
     // When the oldest unacknowledged batch started waiting (reset by every ack).
     let mut waiting_since: Option<tokio::time::Instant> = None;
     loop {
-        while let Some(req) = fwd.wants_read() {
-            let events = source
-                .read(req.after, req.max_events)
-                .map_err(SessionError::Source)?;
-            let gaps = source.gaps().map_err(SessionError::Source)?;
-            let frames = fwd.on_read(std::time::Instant::now(), events, &gaps);
-            if frames.is_empty() {
-                break;
-            }
-            for f in &frames {
-                let n = if zstd {
-                    write_frame(&mut send, &deflate(f)?).await?
-                } else {
-                    write_frame(&mut send, f).await?
-                };
-                metrics.frame_bytes.fetch_add(n as u64, Relaxed);
-                metrics.batches_sent.fetch_add(1, Relaxed);
-                if let Some(p) = pace.as_mut() {
-                    let wait = p.spend(std::time::Instant::now(), n);
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-            }
-            metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
-        }
+        send_batches(&mut up, fwd, source, &mut pace, metrics).await?;
         if fwd.in_flight() == 0 {
             waiting_since = None;
         } else if waiting_since.is_none() {
@@ -399,24 +472,10 @@ async fn session<S: Source>(
         }
         let ack_deadline = waiting_since.map(|t| t + opts.ack_timeout);
         tokio::select! {
-            frame = reader.next() => match frame? {
-                Some(Frame::Ack { id, rejected }) => {
-                    for r in &rejected {
-                        warn!(seq = r.seq, code = %r.code, reason = %r.reason, "event refused by the node");
-                    }
-                    fwd.on_ack(id)?;
-                    metrics.batches_acked.fetch_add(1, Relaxed);
-                    metrics.in_flight.store(fwd.in_flight() as u64, Relaxed);
-                    waiting_since = None;
-                    if let Some(t) = fwd.poll_trim() {
-                        source.trim(t).await.map_err(SessionError::Source)?;
-                    }
-                }
-                Some(Frame::BatchRefused { id, code, reason }) => {
-                    return Err(SessionError::BatchRefused { id, code, reason });
-                }
-                _ => return Err(SessionError::Closed),
-            },
+            frame = up.reader.next() => {
+                on_node_frame(frame?, fwd, source, metrics).await?;
+                waiting_since = None;
+            }
             _ = changes.changed() => {}
             _ = tokio::time::sleep_until(fwd.poll_timeout().map_or(next_probe, tokio::time::Instant::from_std)),
                 if fwd.poll_timeout().is_some() => {}
