@@ -10,11 +10,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, Item, SubscribeOptions};
 use telemesh_edge::{Agent, EdgeConfig};
-use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
 use telemesh_quic::pki::write_mesh;
+use telemesh_testkit::NodeToml;
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -44,15 +44,12 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let c = dir.path().join("certs");
         write_mesh(&c, &["node-a".into()], &["gw-lat".into()], &["lat".into()]).unwrap();
-        let node_cfg = NodeConfig::from_toml(&format!(
-            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-             cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"1GiB\"\nsync = \"{sync}\"\n\
-             [[access]]\nidentity = \"gw-lat\"\nrole = \"uplink\"\npublish = [\"sim/#\"]\n\
-             [[access]]\nidentity = \"lat\"\nrole = \"consumer\"\nread = [\"sim/#\"]\n",
-            d = dir.path().display(),
-            c = c.display()
-        ))
-        .unwrap();
+        let node_cfg = NodeToml::new("node-a", &c, &dir.path().join("node"))
+            .map_size("1GiB")
+            .sync(sync)
+            .access("gw-lat", "uplink", "publish = [\"sim/#\"]")
+            .access("lat", "consumer", "read = [\"sim/#\"]")
+            .config();
         let node = rt.block_on(Node::start(node_cfg)).unwrap();
         let mqtt = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -71,13 +68,8 @@ fn main() {
         .unwrap();
         let agent = Agent::start(&edge_cfg).unwrap();
         let durable = agent.durable_addr().unwrap();
-        let client_cfg = ClientConfig {
-            node: node.local_addr().to_string(),
-            server_name: Some("node-a".into()),
-            ca: c.join("ca.pem"),
-            cert: c.join("lat.pem"),
-            key: c.join("lat.key"),
-        };
+        let client_cfg =
+            telemesh_testkit::client_config(&c, &node.local_addr().to_string(), "node-a", "lat");
         let hist = rt.block_on(async {
             let client = Client::connect(&client_cfg).await.unwrap();
             let mut sub = client

@@ -10,11 +10,11 @@ use telemesh_edge::buffer::{Buffer, BufferOptions, Incoming, SyncMode};
 use telemesh_edge::uplink::BufferSource;
 use telemesh_edge::EdgeMetrics;
 use telemesh_gateway::{UplinkMetrics, UplinkOptions};
-use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
 use telemesh_proto::forwarder::ForwarderConfig;
 use telemesh_quic::pki::write_mesh;
 use telemesh_quic::tls::{load_roots, Identity};
+use telemesh_testkit::NodeToml;
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -29,17 +29,13 @@ fn main() {
         let c = dir.path().join("certs");
         let gws: Vec<String> = (1..=4).map(|i| format!("gw-{i}")).collect();
         write_mesh(&c, &["node-a".into()], &gws, &[]).unwrap();
-        let mut access = String::new();
+        let mut toml = NodeToml::new("node-a", &c, &dir.path().join("node"))
+            .map_size("4GiB")
+            .sync("always");
         for g in &gws {
-            access.push_str(&format!("[[access]]\nidentity = \"{g}\"\nrole = \"uplink\"\npublish = [\"#\"]\n"));
+            toml = toml.access(g, "uplink", "publish = [\"#\"]");
         }
-        let cfg = NodeConfig::from_toml(&format!(
-            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-             cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"4GiB\"\nsync = \"always\"\n{access}",
-            d = dir.path().display(),
-            c = c.display()
-        ))
-        .unwrap();
+        let cfg = toml.config();
         let node = Node::start(cfg).await.unwrap();
         let mut buffers = Vec::new();
         for g in &gws {

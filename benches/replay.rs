@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
-use telemesh_mesh::config::NodeConfig;
+use telemesh_client::{Client, Item, SubscribeOptions};
 use telemesh_mesh::node::Node;
 use telemesh_proto::{Event, Start};
 use telemesh_quic::pki::write_mesh;
+use telemesh_testkit::NodeToml;
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -26,14 +26,11 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let c = dir.path().join("certs");
         write_mesh(&c, &["node-a".into()], &[], &["bench".into()]).unwrap();
-        let cfg = NodeConfig::from_toml(&format!(
-            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-             cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"8GiB\"\nsync = \"none\"\n\
-             [[access]]\nidentity = \"bench\"\nrole = \"consumer\"\nread = [\"#\"]\n",
-            d = dir.path().display(),
-            c = c.display()
-        ))
-        .unwrap();
+        let cfg = NodeToml::new("node-a", &c, &dir.path().join("node"))
+            .map_size("8GiB")
+            .sync("none")
+            .access("bench", "consumer", "read = [\"#\"]")
+            .config();
         let node = Node::start(cfg).await.unwrap();
         let t = Instant::now();
         for b in 0..n / 1_000 {
@@ -50,13 +47,7 @@ fn main() {
             node.log().ingest("gw".into(), 1, events, vec![]).await.unwrap();
         }
         let stored = t.elapsed();
-        let client = Client::connect(&ClientConfig {
-            node: node.local_addr().to_string(),
-            server_name: Some("node-a".into()),
-            ca: c.join("ca.pem"),
-            cert: c.join("bench.pem"),
-            key: c.join("bench.key"),
-        })
+        let client = Client::connect(&telemesh_testkit::client_config(&c, &node.local_addr().to_string(), "node-a", "bench"))
         .await
         .unwrap();
         for (label, filter, expect) in [("all", "#", n), ("1% filter", "site-b/#", n / 100)] {

@@ -16,6 +16,7 @@ use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
 use telemesh_proto::Event;
 use telemesh_quic::pki::write_mesh;
+use telemesh_testkit::NodeToml;
 
 fn config(
     dir: &std::path::Path,
@@ -23,20 +24,16 @@ fn config(
     sync: &str,
     upstream: Option<std::net::SocketAddr>,
 ) -> NodeConfig {
-    let c = dir.join("certs");
-    let mut t = format!(
-        "[node]\nid = \"{id}\"\ndata_dir = \"{d}/{id}-{sync}\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-         cert = \"{c}/{id}.pem\"\nkey = \"{c}/{id}.key\"\nmap_size = \"8GiB\"\nsync = \"{sync}\"\n\
-         [[access]]\nidentity = \"node-b\"\nrole = \"peer\"\n",
-        d = dir.display(),
-        c = c.display()
-    );
+    let mut t = NodeToml::new(id, &dir.join("certs"), &dir.join(format!("{id}-{sync}")))
+        .map_size("8GiB")
+        .sync(sync)
+        .access("node-b", "peer", "");
     if let Some(up) = upstream {
-        t.push_str(&format!(
+        t = t.section(&format!(
             "[[replicate]]\nfrom = \"{up}\"\nserver_name = \"node-a\"\nfilters = [\"#\"]\n"
         ));
     }
-    NodeConfig::from_toml(&t).unwrap()
+    t.config()
 }
 
 fn events(from: u64, n: u64) -> Vec<Event> {

@@ -26,17 +26,15 @@ use telemesh_mesh::node::Node;
 use telemesh_proto::forwarder::ForwarderConfig;
 use telemesh_quic::pki::write_mesh;
 use telemesh_quic::tls::{load_roots, Identity};
+use telemesh_testkit::NodeToml;
 
 fn node_config(dir: &std::path::Path, listen: &str) -> NodeConfig {
-    let c = dir.join("certs");
-    NodeConfig::from_toml(&format!(
-        "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"{listen}\"\nca = \"{c}/ca.pem\"\n\
-         cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"4GiB\"\nsync = \"always\"\n\
-         [[access]]\nidentity = \"gw-bench\"\nrole = \"uplink\"\npublish = [\"site-a/#\"]\n",
-        d = dir.display(),
-        c = c.display()
-    ))
-    .unwrap()
+    NodeToml::new("node-a", &dir.join("certs"), &dir.join("node"))
+        .listen(listen)
+        .map_size("4GiB")
+        .sync("always")
+        .access("gw-bench", "uplink", "publish = [\"site-a/#\"]")
+        .config()
 }
 
 async fn wait(mut done: impl FnMut() -> bool, limit: Duration) {

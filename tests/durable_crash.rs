@@ -6,8 +6,6 @@
 //! - QoS 2 across kill -9: a PUBLISH resent after the crash is answered, not stored again.
 
 mod common;
-#[path = "../edge/tests/common/mod.rs"]
-mod raw;
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -17,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet};
+use telemesh_testkit::mqtt as raw;
 
 fn config_with_durable(dir: &std::path::Path, durable_port: u16) -> std::path::PathBuf {
     write_config(

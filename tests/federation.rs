@@ -25,29 +25,25 @@ const WAVE: u64 = 1_500;
 /// node.toml of site `me`: its agent may publish, the other nodes may replicate, it pulls
 /// `#` from each upstream address given.
 fn node_config(dir: &Path, me: &str, port: u16, upstreams: &[(String, &str)]) -> PathBuf {
-    let c = dir.join("certs");
-    let mut t = format!(
-        "[node]\nid = \"node-{me}\"\ndata_dir = \"{d}/node-{me}\"\nlisten = \"127.0.0.1:{port}\"\n\
-         ca = \"{c}/ca.pem\"\ncert = \"{c}/node-{me}.pem\"\nkey = \"{c}/node-{me}.key\"\n\
-         map_size = \"256MiB\"\nsync = \"interval\"\n\
-         [[access]]\nidentity = \"gw-{me}\"\nrole = \"uplink\"\npublish = [\"site/#\"]\n\
-         [[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\n",
-        d = dir.display(),
-        c = c.display()
-    );
+    let mut t = NodeToml::new(
+        &format!("node-{me}"),
+        &dir.join("certs"),
+        &dir.join(format!("node-{me}")),
+    )
+    .listen(&format!("127.0.0.1:{port}"))
+    .map_size("256MiB")
+    .sync("interval")
+    .access(&format!("gw-{me}"), "uplink", "publish = [\"site/#\"]")
+    .access("analytics", "consumer", "");
     for other in SITES.iter().filter(|s| **s != me) {
-        t.push_str(&format!(
-            "[[access]]\nidentity = \"node-{other}\"\nrole = \"peer\"\n"
-        ));
+        t = t.access(&format!("node-{other}"), "peer", "");
     }
     for (from, node) in upstreams {
-        t.push_str(&format!(
+        t = t.section(&format!(
             "[[replicate]]\nfrom = \"{from}\"\nserver_name = \"node-{node}\"\nfilters = [\"#\"]\nbackoff_max = \"200ms\"\n"
         ));
     }
-    let path = dir.join(format!("node-{me}.toml"));
-    std::fs::write(&path, t).unwrap();
-    path
+    t.write(&dir.join(format!("node-{me}.toml")))
 }
 
 fn edge_config(dir: &Path, me: &str, durable: u16, node_port: u16) -> PathBuf {
@@ -161,7 +157,7 @@ fn a_triangle_of_sites_delivers_every_event_once_through_a_cut_and_a_node_kill()
     .into_iter()
     .map(|(s, ups)| (s, node_config(d, s, ports[s], &ups)))
     .collect();
-    let mut nodes: BTreeMap<&str, AgentProcess> = node_cfgs
+    let mut nodes: BTreeMap<&str, Process> = node_cfgs
         .iter()
         .map(|(s, cfg)| (*s, spawn_role("node", cfg)))
         .collect();
@@ -169,7 +165,7 @@ fn a_triangle_of_sites_delivers_every_event_once_through_a_cut_and_a_node_kill()
         .iter()
         .map(|s| (*s, SocketAddr::from(([127, 0, 0, 1], free_port()))))
         .collect();
-    let _agents: Vec<AgentProcess> = SITES
+    let _agents: Vec<Process> = SITES
         .iter()
         .map(|s| spawn_agent(&edge_config(d, s, durable[s].port(), ports[s])))
         .collect();

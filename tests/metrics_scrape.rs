@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, Item, SubscribeOptions};
 use telemesh_proto::Start;
 
 fn get(addr: SocketAddr, path: &str) -> String {
@@ -61,20 +61,12 @@ fn edge_and_node_scrapes_hold_the_slis() {
     let c = d.join("certs");
     let node_port = free_udp_port();
     let (node_http, edge_http, durable_port) = (free_port(), free_port(), free_port());
-    let node_cfg = d.join("node.toml");
-    std::fs::write(
-        &node_cfg,
-        format!(
-            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:{node_port}\"\n\
-             ca = \"{c}/ca.pem\"\ncert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
-             [metrics]\nlisten = \"127.0.0.1:{node_http}\"\n\
-             [[access]]\nidentity = \"gw-crash\"\nrole = \"uplink\"\npublish = [\"site/#\"]\n\
-             [[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\n",
-            d = d.display(),
-            c = c.display()
-        ),
-    )
-    .unwrap();
+    let node_cfg = NodeToml::new("node-a", &c, &d.join("node"))
+        .listen(&format!("127.0.0.1:{node_port}"))
+        .section(&format!("[metrics]\nlisten = \"127.0.0.1:{node_http}\""))
+        .access("gw-crash", "uplink", "publish = [\"site/#\"]")
+        .access("analytics", "consumer", "")
+        .write(&d.join("node.toml"));
     let mut node = spawn_role("node", &node_cfg);
     let edge_cfg = write_config(
         d,
@@ -98,13 +90,12 @@ fn edge_and_node_scrapes_hold_the_slis() {
     // A consumer reads the 200 (delivery latency is observed as they go out).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = Client::connect(&ClientConfig {
-            node: format!("127.0.0.1:{node_port}"),
-            server_name: Some("node-a".into()),
-            ca: c.join("ca.pem"),
-            cert: c.join("analytics.pem"),
-            key: c.join("analytics.key"),
-        })
+        let client = Client::connect(&telemesh_testkit::client_config(
+            &c,
+            &format!("127.0.0.1:{node_port}"),
+            "node-a",
+            "analytics",
+        ))
         .await
         .unwrap();
         let mut sub = client

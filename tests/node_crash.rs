@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+use telemesh_client::{Client, Item, SubscribeOptions};
 use telemesh_edge::buffer::Incoming;
 use telemesh_gateway::UplinkOptions;
 use telemesh_proto::forwarder::ForwarderConfig;
@@ -29,19 +29,11 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let node_toml = dir.path().join("node.toml");
-    std::fs::write(
-        &node_toml,
-        format!(
-            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"{port}\"\nca = \"{c}/ca.pem\"\n\
-             cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
-             [[access]]\nidentity = \"gw-1\"\nrole = \"uplink\"\npublish = [\"site/#\"]\n\
-             [[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\nread = [\"site/#\"]\n",
-            d = dir.path().display(),
-            c = c.display()
-        ),
-    )
-    .unwrap();
+    let node_toml = NodeToml::new("node-a", &c, &dir.path().join("node"))
+        .listen(&port.to_string())
+        .access("gw-1", "uplink", "publish = [\"site/#\"]")
+        .access("analytics", "consumer", "read = [\"site/#\"]")
+        .write(&dir.path().join("node.toml"));
     let mut node = spawn_role("node", &node_toml);
 
     // An uplink feeding 1,000 events.
@@ -84,13 +76,7 @@ async fn a_durable_consumer_resumes_after_kill_dash_nine_of_the_node() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let client_cfg = ClientConfig {
-        node: port.to_string(),
-        server_name: Some("node-a".into()),
-        ca: c.join("ca.pem"),
-        cert: c.join("analytics.pem"),
-        key: c.join("analytics.key"),
-    };
+    let client_cfg = telemesh_testkit::client_config(&c, &port.to_string(), "node-a", "analytics");
     let opts = SubscribeOptions::new(vec!["site/#".into()])
         .start(Start::Earliest)
         .durable("svc");

@@ -3,10 +3,10 @@
 
 use std::process::Command;
 
-use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
 use telemesh_proto::Event;
 use telemesh_quic::pki::write_mesh;
+use telemesh_testkit::NodeToml;
 
 fn sub(client_toml: &std::path::Path, args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_telemesh"))
@@ -31,14 +31,9 @@ async fn sub_prints_json_lines_counts_times_out_and_resumes_a_durable_name() {
     let dir = tempfile::tempdir().unwrap();
     let c = dir.path().join("certs");
     write_mesh(&c, &["node-a".into()], &[], &["analytics".into()]).unwrap();
-    let cfg = NodeConfig::from_toml(&format!(
-        "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-         cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
-         [[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\nread = [\"site-a/#\"]\n",
-        d = dir.path().display(),
-        c = c.display()
-    ))
-    .unwrap();
+    let cfg = NodeToml::new("node-a", &c, &dir.path().join("node"))
+        .access("analytics", "consumer", "read = [\"site-a/#\"]")
+        .config();
     let node = Node::start(cfg).await.unwrap();
     let events: Vec<Event> = (1..=20)
         .map(|seq| Event {

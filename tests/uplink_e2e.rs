@@ -16,31 +16,11 @@ use telemesh_mesh::log::{inspect as inspect_log, Record};
 const NODE_MAP: u64 = 256 << 20;
 
 fn node_config(dir: &Path, port: u16) -> std::path::PathBuf {
-    let c = dir.join("certs");
-    let path = dir.join("node.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[node]
-id = "node-a"
-data_dir = "{d}/node"
-listen = "127.0.0.1:{port}"
-ca = "{c}/ca.pem"
-cert = "{c}/node-a.pem"
-key = "{c}/node-a.key"
-map_size = "256MiB"
-[[access]]
-identity = "gw-crash"
-role = "uplink"
-publish = ["site/#"]
-"#,
-            d = dir.display(),
-            c = c.display()
-        ),
-    )
-    .unwrap();
-    path
+    NodeToml::new("node-a", &dir.join("certs"), &dir.join("node"))
+        .listen(&format!("127.0.0.1:{port}"))
+        .map_size("256MiB")
+        .access("gw-crash", "uplink", "publish = [\"site/#\"]")
+        .write(&dir.join("node.toml"))
 }
 
 /// (epoch, seq, payload number) of every event in the node's log.

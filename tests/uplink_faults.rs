@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{test_buffer, RunningUplink};
+use common::{mesh_certs, test_buffer, wait_for_async, NodeToml, RunningUplink};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -21,35 +21,13 @@ use telemesh_quic::tls::load_roots;
 
 /// A temporary directory with certificates for node-a and gw-1.
 fn certs_for_gw1() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write_mesh(
-        &dir.path().join("certs"),
-        &["node-a".into()],
-        &["gw-1".into()],
-        &[],
-    )
-    .unwrap();
-    dir
+    mesh_certs(&["node-a"], &["gw-1"], &[])
 }
 
 fn node_config(dir: &std::path::Path) -> NodeConfig {
-    let c = dir.join("certs");
-    NodeConfig::from_toml(&format!(
-        "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-         cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
-         [[access]]\nidentity = \"gw-1\"\nrole = \"uplink\"\npublish = [\"site/#\"]\n",
-        d = dir.display(),
-        c = c.display()
-    ))
-    .unwrap()
-}
-
-async fn wait(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    NodeToml::new("node-a", &dir.join("certs"), &dir.join("node"))
+        .access("gw-1", "uplink", "publish = [\"site/#\"]")
+        .config()
 }
 
 fn append(buffer: &Buffer, from: u64, to: u64) {
@@ -104,7 +82,12 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     );
     let stored = || node.log().read(1, usize::MAX).unwrap().len();
     append(&buffer, 0, 2_000);
-    wait("the first events at the node", 30, || stored() >= 500).await;
+    wait_for_async(
+        "the first events at the node",
+        Duration::from_secs(30),
+        || stored() >= 500,
+    )
+    .await;
 
     // Cut the path; keep appending; heal once the relay has dropped a good number of packets
     // and the uplink, seeing no acknowledgement within its ack timeout (1 s here, against
@@ -112,14 +95,24 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     relay.set_cut(true);
     append(&buffer, 2_000, 4_000);
     let reconnects = up.metrics.reconnects.load(Relaxed);
-    wait("packets dropped by the cut", 30, || relay.dropped() >= 20).await;
-    wait("the ack timeout to end the connection", 10, || {
-        up.metrics.reconnects.load(Relaxed) > reconnects
-    })
+    wait_for_async(
+        "packets dropped by the cut",
+        Duration::from_secs(30),
+        || relay.dropped() >= 20,
+    )
+    .await;
+    wait_for_async(
+        "the ack timeout to end the connection",
+        Duration::from_secs(10),
+        || up.metrics.reconnects.load(Relaxed) > reconnects,
+    )
     .await;
     let during = stored();
     relay.set_cut(false);
-    wait("every event at the node", 60, || stored() >= 4_000).await;
+    wait_for_async("every event at the node", Duration::from_secs(60), || {
+        stored() >= 4_000
+    })
+    .await;
     assert!(during < 4_000, "the cut held events back");
 
     let records = node.log().read(1, usize::MAX).unwrap();
@@ -139,7 +132,7 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
         "exactly once, in order"
     );
     let reader = buffer.reader();
-    wait("the buffer trimmed", 30, || {
+    wait_for_async("the buffer trimmed", Duration::from_secs(30), || {
         reader.state().unwrap().events == 0
     })
     .await;
@@ -182,7 +175,10 @@ async fn expired_and_unlisted_certificates_send_nothing() {
             cert,
             &buffer,
         );
-        wait("refusals", 30, || up.metrics.reconnects.load(Relaxed) >= 2).await;
+        wait_for_async("refusals", Duration::from_secs(30), || {
+            up.metrics.reconnects.load(Relaxed) >= 2
+        })
+        .await;
         assert!(!up.metrics.connected.load(Relaxed));
         assert_eq!(up.metrics.batches_acked.load(Relaxed), 0);
         assert_eq!(
@@ -246,9 +242,11 @@ async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
     );
     opts.connect_timeout = Duration::from_millis(300);
     let up = RunningUplink::start("gw-1", opts, &dir.path().join("certs"), "gw-1", &buffer);
-    wait("every event at the second node", 30, || {
-        node.log().read(1, usize::MAX).unwrap().len() >= 500
-    })
+    wait_for_async(
+        "every event at the second node",
+        Duration::from_secs(30),
+        || node.log().read(1, usize::MAX).unwrap().len() >= 500,
+    )
     .await;
     assert!(
         up.metrics.reconnects.load(Relaxed) >= 1,
@@ -286,7 +284,7 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
     opts.connect_timeout = Duration::from_millis(300);
     let up = RunningUplink::start("gw-1", opts, &dir.path().join("certs"), "gw-1", &buffer);
     append(&buffer, 0, 100);
-    wait("the first 100 at node B", 30, || {
+    wait_for_async("the first 100 at node B", Duration::from_secs(30), || {
         node_b.log().read(1, usize::MAX).unwrap().len() >= 100
     })
     .await;
@@ -295,12 +293,12 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
     cfg_a.node.listen = a_port;
     let node_a = Node::start(cfg_a).await.unwrap();
     // The uplink probes A, finds it, and moves: new events go to A.
-    wait("the uplink back on node A", 30, || {
+    wait_for_async("the uplink back on node A", Duration::from_secs(30), || {
         node_a.metrics().connections.load(Relaxed) >= 1
     })
     .await;
     append(&buffer, 100, 200);
-    wait("the next 100 at node A", 30, || {
+    wait_for_async("the next 100 at node A", Duration::from_secs(30), || {
         node_a.log().read(1, usize::MAX).unwrap().len() >= 100
     })
     .await;
@@ -329,7 +327,7 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
-    use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+    use telemesh_client::{Client, Item, SubscribeOptions};
     let dir = tempfile::tempdir().unwrap();
     write_mesh(
         &dir.path().join("certs"),
@@ -370,13 +368,12 @@ async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
         &buffer,
     );
     let c = dir.path().join("certs");
-    let client = Client::connect(&ClientConfig {
-        node: node.local_addr().to_string(),
-        server_name: Some("node-a".into()),
-        ca: c.join("ca.pem"),
-        cert: c.join("svc.pem"),
-        key: c.join("svc.key"),
-    })
+    let client = Client::connect(&telemesh_testkit::client_config(
+        &c,
+        &node.local_addr().to_string(),
+        "node-a",
+        "svc",
+    ))
     .await
     .unwrap();
     let mut sub = client
@@ -424,7 +421,10 @@ async fn drain_with(
     let t = Instant::now();
     let up = RunningUplink::start("gw-1", opts, &dir.path().join("certs"), "gw-1", &buffer);
     let stored = || node.log().read(1, usize::MAX).unwrap().len();
-    wait("every event at the node", 60, || stored() >= 3_000).await;
+    wait_for_async("every event at the node", Duration::from_secs(60), || {
+        stored() >= 3_000
+    })
+    .await;
     let took = t.elapsed();
     // Intact, once each, in order.
     let numbers: Vec<u64> = node

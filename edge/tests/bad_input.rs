@@ -2,13 +2,12 @@
 //! PUBLISH topic. Each is refused (the connection closed, or the event refused and counted),
 //! nothing invalid reaches the buffer, and a well-behaved client keeps being served.
 
-mod common;
-
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
+use telemesh_testkit::mqtt::*;
+use telemesh_testkit::{free_port, wait_for};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use telemesh_edge::{Agent, EdgeConfig};
@@ -83,7 +82,11 @@ fn bad_clients_are_refused_and_good_ones_keep_being_served() {
         closed_by_server(&mut garbage),
         "garbage closes the connection"
     );
-    wait_until(|| telemesh_edge::broker_connection_errors() > errors_at_start);
+    wait_for(
+        "the broker to count the bad connection",
+        Duration::from_secs(20),
+        || telemesh_edge::broker_connection_errors() > errors_at_start,
+    );
     let errors_before_big = telemesh_edge::broker_connection_errors();
 
     // A payload over max_payload.
@@ -94,7 +97,11 @@ fn bad_clients_are_refused_and_good_ones_keep_being_served() {
         closed_by_server(&mut big),
         "an oversized publish closes the connection"
     );
-    wait_until(|| telemesh_edge::broker_connection_errors() > errors_before_big);
+    wait_for(
+        "the broker to count the oversized packet",
+        Duration::from_secs(20),
+        || telemesh_edge::broker_connection_errors() > errors_before_big,
+    );
 
     // A wildcard in a PUBLISH topic: rumqttd takes it; the agent refuses it at the tap.
     let mut wild = connect_raw(addr, "wild");

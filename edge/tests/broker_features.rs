@@ -7,14 +7,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{TlsConfiguration, Transport};
 use telemesh_edge::{Agent, EdgeConfig};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use telemesh_testkit::{free_port, wait_listening};
 
 fn tls_client(ca_der: Vec<u8>) -> Transport {
     let mut roots = rustls::RootCertStore::empty();
@@ -27,14 +20,6 @@ fn tls_client(ca_der: Vec<u8>) -> Transport {
     .with_root_certificates(roots)
     .with_no_client_auth();
     Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config)))
-}
-
-fn wait_port(port: u16) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "port {port} never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -63,8 +48,8 @@ map_size = "128MiB"
     ))
     .unwrap();
     let agent = Agent::start(&cfg).unwrap();
-    wait_port(v4);
-    wait_port(v5);
+    wait_listening(([127, 0, 0, 1], v4).into());
+    wait_listening(([127, 0, 0, 1], v5).into());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

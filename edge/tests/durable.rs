@@ -2,16 +2,15 @@
 //! not send): acknowledgements after commit, QoS 2 exactly once, session handling, protocol
 //! errors answered with the right reason codes, and backpressure instead of loss.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use telemesh_edge::{Agent, EdgeConfig};
+use telemesh_testkit::mqtt::*;
+use telemesh_testkit::{free_port, wait_for};
 
 fn agent(dir: &std::path::Path, buffer: &str) -> (Agent, SocketAddr) {
     let cfg = EdgeConfig::from_toml(&format!(
@@ -241,7 +240,9 @@ fn sessions_ping_subscribe_keepalive_will_and_takeover() {
     );
     w.write_all(&[0xE0, 0]).unwrap();
     assert!(closed_by_server(&mut w));
-    wait_until(|| agent.reader().state().unwrap().events >= 1);
+    wait_for("the event to be stored", Duration::from_secs(20), || {
+        agent.reader().state().unwrap().events >= 1
+    });
 
     // Takeover: a second connection with the same id ends the first.
     let (mut first, _) = open(addr, &connect_packet(4, "same", true, 30, None), 4);
@@ -353,14 +354,20 @@ map_size = "128MiB"
     let held: Vec<_> = (0..3)
         .map(|_| std::net::TcpStream::connect(addr).unwrap())
         .collect();
-    wait_until(|| agent.metrics().snapshot().durable_connections >= 3);
+    wait_for("three durable connections", Duration::from_secs(20), || {
+        agent.metrics().snapshot().durable_connections >= 3
+    });
     let mut fourth = std::net::TcpStream::connect(addr).unwrap();
     fourth
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     assert!(closed_by_server(&mut fourth), "over the limit: closed");
     drop(held);
-    wait_until(|| agent.metrics().snapshot().durable_connections == 0);
+    wait_for(
+        "every durable connection to close",
+        Duration::from_secs(20),
+        || agent.metrics().snapshot().durable_connections == 0,
+    );
 
     // A silent TCP connection is closed when the handshake times out.
     let mut silent = std::net::TcpStream::connect(addr).unwrap();
@@ -453,7 +460,11 @@ map_size = "128MiB"
     });
 
     // Clients gone, their connections end on the server too.
-    wait_until(|| agent.metrics().snapshot().durable_connections == 0);
+    wait_for(
+        "every durable connection to close",
+        Duration::from_secs(20),
+        || agent.metrics().snapshot().durable_connections == 0,
+    );
 
     let events = agent.reader().read(None, usize::MAX).unwrap();
     let payloads: Vec<&[u8]> = events.iter().map(|s| s.event.payload.as_slice()).collect();

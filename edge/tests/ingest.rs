@@ -7,14 +7,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use telemesh_edge::{Agent, EdgeConfig};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use telemesh_testkit::{free_port, wait_for};
 
 fn config(dir: &std::path::Path, port: u16) -> EdgeConfig {
     EdgeConfig::from_toml(&format!(
@@ -63,14 +56,6 @@ async fn publish_all(addr: SocketAddr, client: usize, count: usize) -> usize {
     }
     let _ = producer.await.unwrap();
     acked
-}
-
-fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + deadline;
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -4,28 +4,18 @@
 //! stored cursor after a restart and starts again from earliest when its upstream's log was
 //! wiped; a peer without access is refused.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use telemesh_client::{Client, ClientConfig};
+use telemesh_client::Client;
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::{NodeLog, Record};
 use telemesh_mesh::node::Node;
 use telemesh_mesh::replica::UpstreamState;
 use telemesh_proto::{Event, Frame};
-use telemesh_quic::pki::write_mesh;
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use telemesh_testkit::{free_udp_port as free_port, http_get, mesh_certs, NodeToml};
 
 /// A node's config: `peers` may replicate from it; it pulls `replicate` = (port, node, filters).
 fn config(
@@ -35,25 +25,18 @@ fn config(
     peers: &[&str],
     replicate: &[(u16, &str, &str)],
 ) -> NodeConfig {
-    let c = dir.join("certs");
-    let mut t = format!(
-        "[node]\nid = \"{id}\"\ndata_dir = \"{d}/{id}\"\nlisten = \"127.0.0.1:{port}\"\n\
-         ca = \"{c}/ca.pem\"\ncert = \"{c}/{id}.pem\"\nkey = \"{c}/{id}.key\"\nmap_size = \"64MiB\"\n",
-        d = dir.display(),
-        c = c.display()
-    );
-    t.push_str("[[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\n");
+    let mut t = NodeToml::new(id, &dir.join("certs"), &dir.join(id))
+        .listen(&format!("127.0.0.1:{port}"))
+        .access("analytics", "consumer", "");
     for p in peers {
-        t.push_str(&format!(
-            "[[access]]\nidentity = \"{p}\"\nrole = \"peer\"\n"
-        ));
+        t = t.access(p, "peer", "");
     }
     for (port, node, filters) in replicate {
-        t.push_str(&format!(
+        t = t.section(&format!(
             "[[replicate]]\nfrom = \"127.0.0.1:{port}\"\nserver_name = \"{node}\"\nfilters = {filters}\nwindow = 500\n"
         ));
     }
-    NodeConfig::from_toml(&t).unwrap()
+    t.config()
 }
 
 /// Starts a node with [`config`].
@@ -70,16 +53,7 @@ async fn start(
 }
 
 fn setup(nodes: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let names: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
-    write_mesh(
-        &dir.path().join("certs"),
-        &names,
-        &[],
-        &["analytics".into()],
-    )
-    .unwrap();
-    dir
+    mesh_certs(nodes, &[], &["analytics"])
 }
 
 fn events(topic: &str, from: u64, to: u64) -> Vec<Event> {
@@ -241,7 +215,7 @@ async fn a_cycle_of_three_stores_every_event_once_and_sends_nothing_back() {
     let ids: Vec<&str> = via_b.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(ids, ["node-c", "node-b"]);
     // The scrape names the upstream and its lag.
-    let text = common::http_get(a.metrics_addr().unwrap(), "/metrics").await;
+    let text = http_get(a.metrics_addr().unwrap(), "/metrics").await;
     let from = format!("127.0.0.1:{pb}");
     for line in [
         format!("telemesh_replication_connected{{upstream=\"{from}\"}} 1"),
@@ -310,13 +284,12 @@ async fn filtered_replication_records_not_selected_ranges_both_ways() {
     assert_eq!(b.upstreams()[0].duplicates.load(Relaxed), 0);
     // What `telemesh status` shows: the upstream and the not-selected ranges.
     let c = dir.path().join("certs");
-    let client = Client::connect(&ClientConfig {
-        node: a.local_addr().to_string(),
-        server_name: Some("node-a".into()),
-        ca: c.join("ca.pem"),
-        cert: c.join("analytics.pem"),
-        key: c.join("analytics.key"),
-    })
+    let client = Client::connect(&telemesh_testkit::client_config(
+        &c,
+        &a.local_addr().to_string(),
+        "node-a",
+        "analytics",
+    ))
     .await
     .unwrap();
     let Frame::Status {

@@ -2,39 +2,27 @@
 //! switch from catch-up to live tail has no gap and no duplicate, a durable consumer resumes
 //! after its last ack across a node restart, and reads outside the access rules are refused.
 
-mod common;
-
 use std::path::Path;
-
-use common::http_get;
 
 use telemesh_client::{Client, ClientConfig, ClientError, Item, SubscribeOptions};
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::node::Node;
 use telemesh_proto::{ErrorCode, Event, Start};
-use telemesh_quic::pki::write_mesh;
+use telemesh_testkit::{http_get, mesh_certs, NodeToml};
 
 fn node_config(dir: &Path) -> NodeConfig {
-    let c = dir.join("certs");
-    NodeConfig::from_toml(&format!(
-        "[node]\nid = \"node-a\"\ndata_dir = \"{d}/node\"\nlisten = \"127.0.0.1:0\"\nca = \"{c}/ca.pem\"\n\
-         cert = \"{c}/node-a.pem\"\nkey = \"{c}/node-a.key\"\nmap_size = \"64MiB\"\n\
-         [[access]]\nidentity = \"analytics\"\nrole = \"consumer\"\nread = [\"site-a/#\"]\n",
-        d = dir.display(),
-        c = c.display()
-    ))
-    .unwrap()
+    NodeToml::new("node-a", &dir.join("certs"), &dir.join("node"))
+        .access("analytics", "consumer", "read = [\"site-a/#\"]")
+        .config()
 }
 
 fn client_config(dir: &Path, node: &Node) -> ClientConfig {
-    let c = dir.join("certs");
-    ClientConfig {
-        node: node.local_addr().to_string(),
-        server_name: Some("node-a".into()),
-        ca: c.join("ca.pem"),
-        cert: c.join("analytics.pem"),
-        key: c.join("analytics.key"),
-    }
+    telemesh_testkit::client_config(
+        &dir.join("certs"),
+        &node.local_addr().to_string(),
+        "node-a",
+        "analytics",
+    )
 }
 
 fn events(from: u64, to: u64) -> Vec<Event> {
@@ -55,15 +43,7 @@ fn events(from: u64, to: u64) -> Vec<Event> {
 }
 
 fn setup() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    write_mesh(
-        &dir.path().join("certs"),
-        &["node-a".into()],
-        &[],
-        &["analytics".into()],
-    )
-    .unwrap();
-    dir
+    mesh_certs(&["node-a"], &[], &["analytics"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,35 +11,14 @@ use telemesh_proto::{ErrorCode, Event, Frame, Role, PROTOCOL_VERSION};
 use telemesh_quic::pki::{write_mesh, Authority, Kind};
 use telemesh_quic::tls::{client_config, load_roots, Identity};
 use telemesh_quic::wire::{write_frame, FrameReader};
+use telemesh_testkit::NodeToml;
 
 fn node_config(dir: &Path) -> NodeConfig {
-    let c = dir.join("certs");
-    NodeConfig::from_toml(&format!(
-        r#"
-[node]
-id = "node-a"
-data_dir = "{d}/node"
-listen = "127.0.0.1:0"
-ca = "{c}/ca.pem"
-cert = "{c}/node-a.pem"
-key = "{c}/node-a.key"
-map_size = "64MiB"
-[[access]]
-identity = "gw-1"
-role = "uplink"
-publish = ["site-a/#"]
-[[access]]
-identity = "gw-2"
-role = "uplink"
-publish = ["site-b/#"]
-[[access]]
-identity = "analytics"
-role = "consumer"
-"#,
-        d = dir.display(),
-        c = c.display()
-    ))
-    .unwrap()
+    NodeToml::new("node-a", &dir.join("certs"), &dir.join("node"))
+        .access("gw-1", "uplink", "publish = [\"site-a/#\"]")
+        .access("gw-2", "uplink", "publish = [\"site-b/#\"]")
+        .access("analytics", "consumer", "")
+        .config()
 }
 
 async fn dial(dir: &Path, name: &str, ca: &Path, node: &Node) -> Result<quinn::Connection, String> {
@@ -363,7 +342,7 @@ async fn malformed_frames_close_that_connection_and_others_keep_being_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uplinks_and_consumers_each_see_everything_once_in_order() {
-    use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+    use telemesh_client::{Client, Item, SubscribeOptions};
     let dir = tempfile::tempdir().unwrap();
     write_mesh(
         &dir.path().join("certs"),
@@ -375,13 +354,8 @@ async fn concurrent_uplinks_and_consumers_each_see_everything_once_in_order() {
     let node = Node::start(node_config(dir.path())).await.unwrap();
     let ca = dir.path().join("certs/ca.pem");
     let c = dir.path().join("certs");
-    let client_cfg = ClientConfig {
-        node: node.local_addr().to_string(),
-        server_name: Some("node-a".into()),
-        ca: c.join("ca.pem"),
-        cert: c.join("analytics.pem"),
-        key: c.join("analytics.key"),
-    };
+    let client_cfg =
+        telemesh_testkit::client_config(&c, &node.local_addr().to_string(), "node-a", "analytics");
     // Two consumers from the start, reading while the uplinks write.
     let mut consumers = Vec::new();
     for _ in 0..2 {

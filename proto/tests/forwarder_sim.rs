@@ -7,10 +7,8 @@
 //! At the end every event not evicted is in the node's log exactly once, and every gap
 //! record arrived. `SIM_SEED=n cargo test --test forwarder_sim` replays one seed.
 
-mod common;
-
-use common::Rng;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use telemesh_testkit::Rng;
 
 use telemesh_proto::forwarder::{BufferedGap, Forwarder, ForwarderConfig};
 use telemesh_proto::{Event, Frame, Gap, GapKind, GapReason};

@@ -16,10 +16,8 @@
 //!
 //! `SIM_SEED=n cargo test -p telemesh-proto --test replication_sim` replays one seed.
 
-mod common;
-
-use common::Rng;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use telemesh_testkit::Rng;
 
 use telemesh_proto::replication::{
     Apply, Hop, PeerRound, Replicated, ReplicatedItem, Replicator, Step, UpstreamCursor,

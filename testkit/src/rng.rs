@@ -1,10 +1,12 @@
-//! What the simulations share.
+//! A seeded generator for simulations.
 
 /// A small deterministic generator (xorshift): a seed replays a run exactly.
+#[derive(Debug, Clone)]
 pub struct Rng(pub u64);
 
 impl Rng {
     /// The next number.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;

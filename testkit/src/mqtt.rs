@@ -1,19 +1,11 @@
-//! Raw MQTT helpers shared by the edge crate's tests: for sending what no client library
-//! would, and for watching what the server answers.
-#![allow(dead_code)]
+//! Raw MQTT 3.1.1 and 5 packets over plain sockets: for sending what no client library
+//! would, and for watching exactly what a server answers.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
+/// Appends MQTT's variable-length "remaining length" encoding of `n`.
 pub fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     loop {
         let mut b = (n % 128) as u8;
@@ -28,6 +20,7 @@ pub fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
     }
 }
 
+/// A packet: the first byte, the remaining length and the body.
 pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     let mut p = vec![first];
     remaining_length(body.len(), &mut p);
@@ -35,6 +28,7 @@ pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
     p
 }
 
+/// Appends an MQTT string (u16 length, bytes).
 pub fn string(s: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s);
@@ -45,6 +39,8 @@ pub fn connect_raw(addr: SocketAddr, id: &str) -> TcpStream {
     handshake(TcpStream::connect(addr).unwrap(), id)
 }
 
+/// Sends CONNECT (protocol level 4, clean session, keep-alive 30 s) on `s` and asserts the
+/// CONNACK accepts it.
 pub fn handshake(mut s: TcpStream, id: &str) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut body = Vec::new();
@@ -58,6 +54,7 @@ pub fn handshake(mut s: TcpStream, id: &str) -> TcpStream {
     s
 }
 
+/// A QoS 1 PUBLISH (packet id 1) of protocol level 4.
 pub fn publish_raw(topic: &[u8], payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     string(topic, &mut body);
@@ -81,15 +78,6 @@ pub fn closed_by_server(s: &mut TcpStream) -> bool {
             }
             Err(_) => return true,
         }
-    }
-}
-
-/// Waits (bounded) until `done` holds.
-pub fn wait_until(mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < until, "condition not reached in time");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
