@@ -1,31 +1,105 @@
-//! The client library for cloud services: connect to a node as a consumer, subscribe with
-//! filters and a start position (optionally as a durable consumer), and receive events with
-//! their full identity. Credit is granted automatically as items are taken, so the node never
-//! sends more than `credit_window` events ahead of the service.
+//! The telemesh client library for cloud services.
+//!
+//! A telemesh mesh carries telemetry from devices at the edge to broker nodes, where it is
+//! stored in a durable log. This crate connects a service to one node over QUIC with mutual
+//! TLS, as a **consumer**: it subscribes with MQTT topic filters and a start position, and
+//! receives every stored event with its full identity. It depends on the protocol crate and
+//! the shared QUIC crate only: no LMDB, no HTTP server, no node code.
+//!
+//! # Connecting
+//!
+//! A consumer needs a certificate signed by the mesh CA (`telemesh certs --client NAME`)
+//! and an `[[access]]` entry on the node naming it with `role = "consumer"` and the filters
+//! it may `read`. [`ClientConfig`] is `client.toml`:
+//!
+//! ```toml
+//! node = "node-a.example:7800"   # host:port of the node (UDP)
+//! server_name = "node-a"         # optional: the name on the node's certificate
+//! ca = "certs/ca.pem"
+//! cert = "certs/analytics.pem"   # its first DNS name is the identity access rules name
+//! key = "certs/analytics.key"
+//! ```
+//!
+//! # Consuming
+//!
+//! [`Client::subscribe`] opens a [`Subscription`] on its own stream (one connection may carry
+//! several). The node first replays what its log holds from the start position, then follows
+//! new commits: catch-up and the live tail are one loop, with no gap and no duplicate at the
+//! switch. [`Subscription::next`] yields [`Item`]s:
+//!
+//! - [`Item::Event`]: a [`Delivered`] event. Its identity `(origin, epoch, event.seq)` is
+//!   given once at the edge and never changes: delivery is at-least-once, so a service that
+//!   must not count an event twice keys on it. `node_seq` is its position in this node's log.
+//! - [`Item::Gap`] (only with [`SubscribeOptions::gaps`]): events an edge lost (its buffer
+//!   was full, its broker overran), with the range and the reason. Loss is reported, never
+//!   silent.
+//! - [`Item::Truncated`]: the start lay before what retention kept; delivery continues at
+//!   the earliest event the node still holds.
+//!
+//! A **durable** consumer ([`SubscribeOptions::durable`]) has a name, scoped to the client's
+//! identity, under which the node stores what it acknowledged ([`Subscription::ack`],
+//! cumulative by `node_seq`): after a restart of the service or the node it resumes right
+//! after its last ack, whatever start it asks for. A name is exclusive (a second connection
+//! with it is refused) and keeps its filters.
+//!
+//! Flow control is credit: the node never sends more than `credit_window` events ahead, and
+//! the library grants more as items are taken, so a slow service costs the node nothing.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), telemesh_client::ClientError> {
-//! use telemesh_client::{Client, ClientConfig, Item, SubscribeOptions};
+//! use telemesh_client::{Client, ClientConfig, ClientError, Item, Start, SubscribeOptions};
+//!
+//! # async fn service() -> Result<(), ClientError> {
 //! let cfg = ClientConfig::load(std::path::Path::new("client.toml"))?;
 //! let client = Client::connect(&cfg).await?;
-//! let mut sub = client
-//!     .subscribe(SubscribeOptions::new(vec!["site-a/#".into()]).durable("analytics"))
-//!     .await?;
+//! let opts = SubscribeOptions::new(vec!["site-a/+/temp".into()])
+//!     .durable("billing") // resume where the last run acknowledged
+//!     .start(Start::Earliest) // only for the first run of the name
+//!     .gaps(true);
+//! let mut sub = client.subscribe(opts).await?;
 //! while let Some(item) = sub.next().await? {
-//!     if let Item::Event(e) = item {
-//!         println!("{} {} {} {}", e.origin, e.epoch, e.event.seq, e.event.topic);
-//!         sub.ack(e.node_seq).await?; // cumulative
+//!     match item {
+//!         Item::Event(e) => {
+//!             // (origin, epoch, seq) names the event everywhere in the mesh.
+//!             let id = (&e.origin, e.epoch, e.event.seq);
+//!             println!("{id:?} {} {} bytes", e.event.topic, e.event.payload.len());
+//!             sub.ack(e.node_seq).await?; // everything through here is done
+//!         }
+//!         Item::Gap(g) => eprintln!("{} lost events: {:?}", g.origin, g.gap),
+//!         Item::Truncated { requested, earliest } => {
+//!             eprintln!("retention deleted {requested}..{earliest} before it was read")
+//!         }
 //!     }
 //! }
+//! sub.finish().await?; // the last ack is stored before this returns
+//! client.close().await;
 //! # Ok(()) }
 //! ```
+//!
+//! # Status
+//!
+//! [`Client::status`] returns the node's completeness view (per origin and epoch: the seqs
+//! held, known lost, rejected and not selected), its durable consumers and what they
+//! acknowledged, and its replication upstreams — what `telemesh status` prints.
+//!
+//! # Errors
+//!
+//! Every call returns [`ClientError`]. A refusal by the node ([`ClientError::Refused`])
+//! carries a stable numeric [`ErrorCode`] and a reason: for example a filter outside what the
+//! identity may read, or a durable name in use.
+
+#![deny(missing_docs)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use telemesh_proto::frame::{Compression, Delivered, DeliveredGap};
-use telemesh_proto::{ErrorCode, Frame, Role, Start, PROTOCOL_VERSION};
+use telemesh_proto::frame::Compression;
+use telemesh_proto::{Role, PROTOCOL_VERSION};
+
+pub use telemesh_proto::frame::{Delivered, DeliveredGap};
+pub use telemesh_proto::{
+    ErrorCode, Event, EventId, Frame, Gap, GapKind, GapReason, Headers, Start,
+};
 
 use telemesh_quic::tls::{self, Identity};
 use telemesh_quic::wire::{write_frame, FrameReader, WireError};
@@ -88,7 +162,7 @@ pub enum ClientError {
 pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    node_id: String,
+    identity: String,
 }
 
 /// What to subscribe to.
@@ -205,13 +279,13 @@ impl Client {
         Ok(Client {
             endpoint,
             conn,
-            node_id: identity,
+            identity,
         })
     }
 
     /// This client's identity.
     pub fn identity(&self) -> &str {
-        &self.node_id
+        &self.identity
     }
 
     /// Opens a stream and says hello as a consumer.
@@ -226,7 +300,7 @@ impl Client {
             &Frame::Hello {
                 version: PROTOCOL_VERSION,
                 role: Role::Consumer,
-                id: self.node_id.clone(),
+                id: self.identity.clone(),
                 max_event_bytes: 0,
                 compression: vec![Compression::None],
             },
