@@ -9,7 +9,7 @@
 //!   `MDB_APPEND` and iteration order is arrival order.
 //! - `gaps`: key `epoch ‖ position ‖ gap id` (all u64 BE) → postcard [`Gap`]: events lost at
 //!   the edge, ordered with the events by [`Gap::position`].
-//! - `meta`: key `"meta"` → postcard [`Meta`]: origin, current epoch, next seq, the run mark,
+//! - `meta`: key `"meta"` → postcard `Meta`: origin, current epoch, next seq, the run mark,
 //!   acked-through, the buffer's event and byte counts, the next gap id.
 //!
 //! # Invariants

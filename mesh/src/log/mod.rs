@@ -6,14 +6,14 @@
 //! - `log`: node seq (u64 BE) → postcard [`Record`] (an event with its identity and ingest
 //!   time, or a gap record). Node seqs are ingest order and never reused; ingest time never
 //!   goes backwards (max(previous, now)), so a start time is a binary search.
-//! - `held`: `origin ‖ 0 ‖ epoch (BE)` → postcard [`RangeSet`] of the seqs this log holds.
-//! - `lost`: same key → [`RangeSet`] of seqs known lost (gap records by range).
+//! - `held`: `origin ‖ 0 ‖ epoch (BE)` → postcard [`RangeSet`](telemesh_proto::RangeSet) of the seqs this log holds.
+//! - `lost`: same key → [`RangeSet`](telemesh_proto::RangeSet) of seqs known lost (gap records by range).
 //! - `gapseen`: `origin ‖ 0 ‖ epoch ‖ after ‖ ts_us` → empty: unsequenced gaps already stored.
 //! - `meta`: `"meta"` → postcard `Meta` (format, node id, incarnation, next node seq, last
 //!   ingest time).
 //! - `upstreams`: a `[[replicate]]` entry's `from` → postcard [`UpstreamCursor`], written in
 //!   the transaction of the records it covers.
-//! - `notsel`: same key as `held` → [`RangeSet`] of seqs a filtered replication skipped.
+//! - `notsel`: same key as `held` → [`RangeSet`](telemesh_proto::RangeSet) of seqs a filtered replication skipped.
 //!
 //! Every record carries its path: the nodes (id, incarnation) that stored it before this one
 //! (empty for events from an uplink), so replication never sends an event back to a node
