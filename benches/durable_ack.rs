@@ -31,11 +31,7 @@ fn main() {
             (true, _) => 500_000,
         };
         let dir = tempfile::tempdir().unwrap();
-        let mqtt_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let mqtt_port = telemesh_testkit::free_port();
         let cfg = EdgeConfig::from_toml(&format!(
             "[agent]\nid = \"bench-durable\"\ndata_dir = \"{}\"\n[mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
              [durable]\nlisten = \"127.0.0.1:0\"\nmax_inflight = 1000\n\

@@ -51,11 +51,7 @@ fn main() {
             .access("lat", "consumer", "read = [\"sim/#\"]")
             .config();
         let node = rt.block_on(Node::start(node_cfg)).unwrap();
-        let mqtt = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let mqtt = telemesh_testkit::free_port();
         let edge_cfg = EdgeConfig::from_toml(&format!(
             "[agent]\nid = \"gw-lat\"\ndata_dir = \"{d}/edge\"\n[mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\
              [durable]\nlisten = \"127.0.0.1:0\"\n\

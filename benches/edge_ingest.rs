@@ -36,11 +36,7 @@ fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let events: u64 = if full { 1_000_000 } else { 2_000 };
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = telemesh_testkit::free_port();
     let cfg = EdgeConfig::from_toml(&format!(
         r#"
 [agent]

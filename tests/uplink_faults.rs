@@ -206,11 +206,7 @@ fn an_uplink_certificate_naming_another_agent_is_refused_at_start() {
         &[],
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = telemesh_testkit::free_port();
     let c = dir.path().join("certs");
     let cfg = telemesh_edge::EdgeConfig::from_toml(&format!(
         "[agent]\nid = \"gw-1\"\ndata_dir = \"{d}/edge\"\n[mqtt]\nlisten = \"127.0.0.1:{port}\"\n\
