@@ -1,30 +1,15 @@
 //! `telemesh sub` against a node: JSON lines with the documented fields, `--count` and
 //! `--timeout`, and a durable name that resumes after what it printed.
 
+mod common;
+
 use std::process::Command;
 
+use common::sub;
 use telemesh_mesh::node::Node;
 use telemesh_proto::Event;
 use telemesh_quic::pki::write_mesh;
 use telemesh_testkit::NodeToml;
-
-fn sub(client_toml: &std::path::Path, args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_telemesh"))
-        .args(["sub", "--config"])
-        .arg(client_toml)
-        .args(args)
-        .output()
-        .unwrap();
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (
-        out.status.success(),
-        lines,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sub_prints_json_lines_counts_times_out_and_resumes_a_durable_name() {

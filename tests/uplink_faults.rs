@@ -5,19 +5,18 @@
 
 mod common;
 
-use common::{mesh_certs, test_buffer, wait_for_async, NodeToml, RunningUplink};
+use common::{
+    append, mesh_certs, test_buffer, uplink_options, wait_for_async, NodeToml, RunningUplink,
+};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use telemesh_edge::buffer::{Buffer, Incoming};
-use telemesh_gateway::UplinkOptions;
+use telemesh_edge::buffer::Incoming;
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
-use telemesh_proto::forwarder::ForwarderConfig;
 use telemesh_quic::pki::{write_mesh, Authority, Kind};
 use telemesh_quic::relay::Relay;
-use telemesh_quic::tls::load_roots;
 
 /// A temporary directory with certificates for node-a and gw-1.
 fn certs_for_gw1() -> tempfile::TempDir {
@@ -30,41 +29,6 @@ fn node_config(dir: &std::path::Path) -> NodeConfig {
         .config()
 }
 
-fn append(buffer: &Buffer, from: u64, to: u64) {
-    let h = buffer.handle();
-    for n in from..to {
-        h.append(Incoming {
-            topic: "site/relay".into(),
-            payload: n.to_string().into_bytes(),
-            ts_us: n,
-            qos: 1,
-            headers: None,
-        })
-        .unwrap();
-    }
-}
-
-fn options(dir: &std::path::Path, nodes: Vec<String>) -> UplinkOptions {
-    UplinkOptions {
-        nodes,
-        server_name: Some("node-a".into()),
-        roots: load_roots(&dir.join("certs/ca.pem")).unwrap(),
-        forwarder: ForwarderConfig {
-            batch_max_events: 100,
-            batch_max_bytes: 1 << 20,
-            window: 4,
-            linger: Duration::ZERO,
-        },
-        max_event_bytes: 65_536,
-        backoff_max: Duration::from_millis(200),
-        connect_timeout: Duration::from_secs(2),
-        failback_interval: Duration::from_millis(200),
-        ack_timeout: Duration::from_secs(1),
-        compression: telemesh_proto::frame::Compression::None,
-        max_bandwidth: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     let dir = certs_for_gw1();
@@ -75,7 +39,7 @@ async fn a_cut_path_heals_and_every_event_arrives_once_in_order() {
     let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 32 << 20);
     let up = RunningUplink::start(
         "gw-1",
-        options(dir.path(), vec![relay_addr.to_string()]),
+        uplink_options(&dir.path().join("certs"), vec![relay_addr.to_string()]),
         &dir.path().join("certs"),
         "gw-1",
         &buffer,
@@ -170,7 +134,10 @@ async fn expired_and_unlisted_certificates_send_nothing() {
         buffer.handle().flush().unwrap();
         let up = RunningUplink::start(
             name,
-            options(dir.path(), vec![node.local_addr().to_string()]),
+            uplink_options(
+                &dir.path().join("certs"),
+                vec![node.local_addr().to_string()],
+            ),
             &dir.path().join("certs"),
             cert,
             &buffer,
@@ -232,8 +199,8 @@ async fn a_node_that_does_not_answer_is_skipped_for_the_next() {
     let dead = silent.local_addr().unwrap();
     let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 8 << 20);
     append(&buffer, 0, 500);
-    let mut opts = options(
-        dir.path(),
+    let mut opts = uplink_options(
+        &dir.path().join("certs"),
         vec![dead.to_string(), node.local_addr().to_string()],
     );
     opts.connect_timeout = Duration::from_millis(300);
@@ -273,8 +240,8 @@ async fn the_uplink_goes_back_to_the_first_node_when_it_answers_again() {
         .local_addr()
         .unwrap();
     let buffer = test_buffer(&dir.path().join("edge"), "gw-1", 8 << 20);
-    let mut opts = options(
-        dir.path(),
+    let mut opts = uplink_options(
+        &dir.path().join("certs"),
         vec![a_port.to_string(), node_b.local_addr().to_string()],
     );
     opts.connect_timeout = Duration::from_millis(300);
@@ -358,7 +325,10 @@ async fn headers_travel_from_the_edge_buffer_through_the_node_to_a_consumer() {
         .unwrap();
     let up = RunningUplink::start(
         "gw-1",
-        options(dir.path(), vec![node.local_addr().to_string()]),
+        uplink_options(
+            &dir.path().join("certs"),
+            vec![node.local_addr().to_string()],
+        ),
         &dir.path().join("certs"),
         "gw-1",
         &buffer,
@@ -411,7 +381,10 @@ async fn drain_with(
         })
         .unwrap();
     }
-    let mut opts = options(dir.path(), vec![node.local_addr().to_string()]);
+    let mut opts = uplink_options(
+        &dir.path().join("certs"),
+        vec![node.local_addr().to_string()],
+    );
     opts.compression = compression;
     opts.max_bandwidth = cap;
     let t = Instant::now();

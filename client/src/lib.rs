@@ -495,7 +495,7 @@ impl Item {
             Item::Gap(g) => {
                 let (first, last, after, count) = match g.gap.kind {
                     telemesh_proto::GapKind::Range { first, last } => {
-                        (Some(first), Some(last), None, Some(last - first + 1))
+                        (Some(first), Some(last), None, Some(g.gap.count()))
                     }
                     telemesh_proto::GapKind::Unsequenced { after, count } => {
                         (None, None, Some(after), Some(count))

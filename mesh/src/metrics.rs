@@ -26,7 +26,11 @@ struct NodeCollector {
 }
 
 fn count(ranges: &[(u64, u64)]) -> i64 {
-    ranges.iter().map(|(a, b)| (b - a + 1) as i64).sum()
+    ranges
+        .iter()
+        .map(|(a, b)| b.saturating_sub(*a).saturating_add(1))
+        .fold(0u64, u64::saturating_add)
+        .min(i64::MAX as u64) as i64
 }
 
 impl NodeCollector {
@@ -73,7 +77,7 @@ impl NodeCollector {
             ConstGauge::new(s.lag_ms as f64 / 1000.0).encode(fam.encode_family(&labels)?)?;
         }
         type Count = fn(&UpstreamState) -> u64;
-        let counters: [(&str, &str, Count); 3] = [
+        let counters: [(&str, &str, Count); 4] = [
             (
                 "telemesh_replication_events",
                 "Events stored from the upstream",
@@ -88,6 +92,11 @@ impl NodeCollector {
                 "telemesh_replication_errors",
                 "Replication connections that ended in an error",
                 |u| u.errors.load(Relaxed),
+            ),
+            (
+                "telemesh_replication_refused",
+                "Records from the upstream refused because they can never be stored (invalid origin or node id, seq or gap out of bounds)",
+                |u| u.refused.load(Relaxed),
             ),
         ];
         for (name, help, pick) in counters {

@@ -18,7 +18,7 @@ use telemesh_proto::frame::Compression;
 use telemesh_proto::frame::{DeadLetter, UpstreamStatus};
 use telemesh_proto::replication::{Receipt, ReplicatedItem, Replicator, Step, SILENCE};
 use telemesh_proto::topic::validate_topic_name;
-use telemesh_proto::{ErrorCode, Frame, Start};
+use telemesh_proto::{validate_name, ErrorCode, Frame, Start, MAX_SEQ};
 use tokio::sync::{oneshot, watch};
 use tracing::{info, warn, Instrument};
 
@@ -43,6 +43,9 @@ pub struct UpstreamState {
     pub duplicates: AtomicU64,
     /// Connections that ended in an error.
     pub errors: AtomicU64,
+    /// Records refused because they can never be stored (an invalid origin or node id, a
+    /// seq or gap range out of bounds).
+    pub refused: AtomicU64,
     /// Seconds from the upstream's ingest of an event to its commit here.
     pub latency: Histogram,
     /// Bumped on every change of the status or the error count.
@@ -64,6 +67,7 @@ impl UpstreamState {
             events: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             // 50 µs … ~100 s.
             latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 22)),
             version: watch::Sender::new(0),
@@ -314,6 +318,7 @@ async fn session(
                     };
                     heard = tokio::time::Instant::now();
                     if let Frame::Welcome { node_id, incarnation, compression, .. } = &frame {
+                        validate_name("upstream node id", node_id)?;
                         info!(upstream = %node_id, incarnation, ?compression, "connected");
                         if *compression == Compression::Zstd {
                             reader.accept_compressed();
@@ -348,7 +353,17 @@ async fn session(
                                 warn!(first, last, "upstream retention deleted records before they were replicated");
                             }
                             let mut ingest_us = Vec::new();
+                            let mut unstorable = 0u64;
                             for r in apply.records {
+                                // Names and ranges that would become storage keys or range-set
+                                // entries are checked here: a record that fails is not stored.
+                                if let Some(why) = unstorable_record(&r) {
+                                    if unstorable == 0 {
+                                        warn!(origin = %r.origin.escape_debug(), reason = %why, "replicated record refused");
+                                    }
+                                    unstorable += 1;
+                                    continue;
+                                }
                                 if let ReplicatedItem::Event(ev) = &r.item {
                                     if let Some((code, reason)) = refuse(ev, shared.max_event_bytes) {
                                         batch.rejected.push(DeadLetter {
@@ -365,6 +380,12 @@ async fn session(
                                     ingest_us.push(r.ingest_us);
                                 }
                                 batch.records.push(r);
+                            }
+                            if unstorable > 0 {
+                                state.refused.fetch_add(unstorable, Relaxed);
+                            }
+                            if batch.truncated.is_some_and(|(first, last)| first > last) {
+                                batch.truncated = None;
                             }
                             let rx = shared.log.submit_replica(batch).await.map_err(|e| e.to_string())?;
                             pending.push_back(InFlight { receipt, ingest_us, behind, rx });
@@ -384,6 +405,28 @@ async fn session(
         b"replication ends",
     );
     result
+}
+
+/// Why a replicated record can never be stored (by any node): an origin or a node id on its
+/// path that is not a valid name, an event seq or a gap range outside what seqs may be.
+fn unstorable_record(r: &telemesh_proto::replication::Replicated) -> Option<String> {
+    if let Err(why) = validate_name("origin", &r.origin) {
+        return Some(why);
+    }
+    if let Some(why) = r
+        .path
+        .iter()
+        .find_map(|(node, _)| validate_name("node id on the path", node).err())
+    {
+        return Some(why);
+    }
+    match &r.item {
+        ReplicatedItem::Event(ev) if ev.seq == 0 || ev.seq > MAX_SEQ => {
+            Some(format!("seq {} is outside 1..={MAX_SEQ}", ev.seq))
+        }
+        ReplicatedItem::Event(_) => None,
+        ReplicatedItem::Gap(g) => g.validate().err(),
+    }
 }
 
 /// Why a replicated event cannot be stored here, if it cannot.

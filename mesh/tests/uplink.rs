@@ -7,10 +7,10 @@ use std::path::Path;
 use telemesh_mesh::config::NodeConfig;
 use telemesh_mesh::log::Record;
 use telemesh_mesh::node::Node;
-use telemesh_proto::{ErrorCode, Event, Frame, Role, PROTOCOL_VERSION};
+use telemesh_proto::{ErrorCode, Frame, Role, PROTOCOL_VERSION};
 use telemesh_quic::pki::{write_mesh, Authority, Kind};
-use telemesh_quic::tls::{client_config, load_roots, Identity};
 use telemesh_quic::wire::{write_frame, FrameReader};
+use telemesh_testkit::quic::{self, events};
 use telemesh_testkit::NodeToml;
 
 fn node_config(dir: &Path) -> NodeConfig {
@@ -22,56 +22,11 @@ fn node_config(dir: &Path) -> NodeConfig {
 }
 
 async fn dial(dir: &Path, name: &str, ca: &Path, node: &Node) -> Result<quinn::Connection, String> {
-    let c = dir.join("certs");
-    let cfg = client_config(
-        load_roots(ca).unwrap(),
-        Identity::load(
-            &c.join(format!("{name}.pem")),
-            &c.join(format!("{name}.key")),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let conn = ep
-        .connect(node.local_addr(), "node-a")
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(conn)
+    quic::dial(&dir.join("certs"), name, ca, node.local_addr(), "node-a").await
 }
 
 async fn hello(conn: &quinn::Connection, id: &str) -> (quinn::SendStream, FrameReader, Frame) {
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    write_frame(
-        &mut send,
-        &Frame::Hello {
-            version: PROTOCOL_VERSION,
-            role: Role::Uplink,
-            id: id.into(),
-            max_event_bytes: 65_536,
-            compression: vec![],
-        },
-    )
-    .await
-    .unwrap();
-    let mut reader = FrameReader::new(recv, 1 << 24);
-    let answer = reader.next().await.unwrap().unwrap();
-    (send, reader, answer)
-}
-
-fn events(range: std::ops::RangeInclusive<u64>, topic: &str) -> Vec<Event> {
-    range
-        .map(|seq| Event {
-            seq,
-            topic: topic.into(),
-            payload: vec![b'x'; 100],
-            ts_us: seq,
-            qos: 1,
-            headers: None,
-        })
-        .collect()
+    quic::hello(conn, id, Role::Uplink).await
 }
 
 #[tokio::test]

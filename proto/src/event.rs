@@ -76,7 +76,42 @@ pub struct Gap {
     pub ts_us: u64,
 }
 
+/// The largest seq an event may have (and the largest count of events a gap may record):
+/// 2^53 − 1, so that JSON keeps every seq exact. A value beyond it is refused where it
+/// enters, so no arithmetic on seqs can overflow.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
 impl Gap {
+    /// Checks a gap record from the wire: a range `1 <= first <= last <= MAX_SEQ`, or an
+    /// unsequenced loss of `1..=MAX_SEQ` events after a seq `<= MAX_SEQ`.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.kind {
+            GapKind::Range { first, last } => {
+                if first == 0 || first > last || last > MAX_SEQ {
+                    return Err(format!(
+                        "gap range {first}..={last} is empty, reversed or beyond seq {MAX_SEQ}"
+                    ));
+                }
+            }
+            GapKind::Unsequenced { after, count } => {
+                if count == 0 || count > MAX_SEQ || after > MAX_SEQ {
+                    return Err(format!(
+                        "gap of {count} events after seq {after} is empty or beyond {MAX_SEQ}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many events the gap records (saturating: a validated gap never saturates).
+    pub fn count(&self) -> u64 {
+        match self.kind {
+            GapKind::Range { first, last } => last.saturating_sub(first).saturating_add(1),
+            GapKind::Unsequenced { count, .. } => count,
+        }
+    }
+
     /// The seq this gap is ordered after: events with a seq up to this one come before it.
     pub fn position(&self) -> u64 {
         match self.kind {
@@ -159,6 +194,52 @@ mod tests {
             ts_us: 0,
         };
         assert_eq!(unseq.position(), 0);
+    }
+
+    #[test]
+    fn gaps_that_are_empty_reversed_or_absurd_are_refused() {
+        let gap = |kind| Gap {
+            kind,
+            reason: GapReason::Evicted,
+            ts_us: 0,
+        };
+        for ok in [
+            GapKind::Range { first: 1, last: 1 },
+            GapKind::Range {
+                first: 5,
+                last: MAX_SEQ,
+            },
+            GapKind::Unsequenced { after: 0, count: 1 },
+        ] {
+            assert!(gap(ok).validate().is_ok(), "{ok:?}");
+        }
+        for bad in [
+            GapKind::Range {
+                first: 0,
+                last: u64::MAX,
+            },
+            GapKind::Range { first: 9, last: 5 },
+            GapKind::Range { first: 0, last: 3 },
+            GapKind::Range {
+                first: 1,
+                last: MAX_SEQ + 1,
+            },
+            GapKind::Unsequenced { after: 3, count: 0 },
+            GapKind::Unsequenced {
+                after: 0,
+                count: u64::MAX,
+            },
+        ] {
+            assert!(gap(bad).validate().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            gap(GapKind::Range {
+                first: 0,
+                last: u64::MAX
+            })
+            .count(),
+            u64::MAX
+        );
     }
 
     #[test]

@@ -128,6 +128,13 @@ error_codes! {
     EVENT_TOO_LARGE = 22, "event_too_large";
     /// The edge's maximum payload exceeds the node's maximum event size.
     LIMITS_MISMATCH = 23, "limits_mismatch";
+    /// A name that becomes a storage key (durable name, origin, node id, identity) is empty,
+    /// longer than 128 bytes, or holds characters outside ASCII letters, digits, `.`, `_`, `-`.
+    INVALID_NAME = 24, "invalid_name";
+    /// A gap record's range is empty, reversed or beyond the largest seq.
+    INVALID_GAP = 25, "invalid_gap";
+    /// An event's seq is 0 or beyond the largest seq.
+    INVALID_SEQ = 26, "invalid_seq";
     /// The node's storage is full; the batch was not stored.
     STORAGE_FULL = 30, "storage_full";
     /// The node's storage failed (for example EIO); the batch was not stored.

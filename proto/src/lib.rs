@@ -12,6 +12,7 @@
 //! - [`codec`]: length-prefixed postcard framing and the streaming, size-bounded decoder.
 //! - [`topic`]: MQTT topic-name validation and topic-filter matching.
 //! - [`ranges`]: compact sets of seq ranges.
+//! - [`name`]: the rule for names that become storage keys (origins, node ids, durable names).
 //! - [`forwarder`]: the edge side of the uplink protocol.
 //! - [`replication`]: both ends of replication between nodes.
 
@@ -19,11 +20,13 @@ pub mod codec;
 pub mod event;
 pub mod forwarder;
 pub mod frame;
+pub mod name;
 pub mod ranges;
 pub mod replication;
 pub mod topic;
 
 pub use codec::{encode_frame, DecodeError, FrameDecoder};
-pub use event::{Event, EventId, Gap, GapKind, GapReason, Headers};
+pub use event::{Event, EventId, Gap, GapKind, GapReason, Headers, MAX_SEQ};
 pub use frame::{ErrorCode, Frame, Role, Start, PROTOCOL_VERSION};
+pub use name::{validate_name, MAX_NAME_BYTES};
 pub use ranges::RangeSet;

@@ -29,9 +29,13 @@ impl RangeSet {
         self.ranges.is_empty()
     }
 
-    /// How many seqs the set holds.
+    /// How many seqs the set holds (saturating at `u64::MAX`: the set `0..=u64::MAX` holds
+    /// one more seq than a u64 counts).
     pub fn len(&self) -> u64 {
-        self.ranges.iter().map(|(&a, &b)| b - a + 1).sum()
+        self.ranges
+            .iter()
+            .map(|(&a, &b)| (b - a).saturating_add(1))
+            .fold(0, u64::saturating_add)
     }
 
     /// How many ranges the set is made of.
@@ -85,7 +89,7 @@ impl RangeSet {
                 new_first = a;
                 new_last = new_last.max(b);
                 if b >= first {
-                    overlap += b.min(last) - first + 1;
+                    overlap = overlap.saturating_add((b.min(last) - first).saturating_add(1));
                 }
                 self.ranges.remove(&a);
             }
@@ -99,13 +103,17 @@ impl RangeSet {
             .collect();
         for (a, b) in inside {
             if a <= last {
-                overlap += b.min(last) - a + 1;
+                overlap = overlap.saturating_add((b.min(last) - a).saturating_add(1));
             }
             new_last = new_last.max(b);
             self.ranges.remove(&a);
         }
         self.ranges.insert(new_first, new_last);
-        (last - first + 1) - overlap
+        // (last - first + 1) - overlap, without overflowing for 0..=u64::MAX.
+        match overlap.checked_sub(1) {
+            Some(o) => (last - first).saturating_sub(o),
+            None => (last - first).saturating_add(1),
+        }
     }
 
     /// Removes every seq below `seq`.
@@ -185,6 +193,19 @@ impl From<RangeSet> for Vec<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_whole_u64_range_neither_overflows_nor_panics() {
+        let mut s = RangeSet::new();
+        assert_eq!(s.insert_range(0, u64::MAX), u64::MAX);
+        assert_eq!(s.len(), u64::MAX);
+        assert_eq!(s.insert_range(5, 9), 0);
+        assert_eq!(s.insert_range(u64::MAX, u64::MAX), 0);
+        let mut t = RangeSet::new();
+        t.insert(u64::MAX);
+        assert_eq!(t.insert_range(0, u64::MAX), u64::MAX);
+        assert_eq!(t.len(), u64::MAX);
+    }
+
     use super::*;
 
     #[test]

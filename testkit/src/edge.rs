@@ -167,3 +167,41 @@ impl RunningUplink {
         self.task.await.unwrap().unwrap();
     }
 }
+
+/// Appends `from..to` to `buffer` as events on `site/relay` whose payload is the number.
+pub fn append(buffer: &telemesh_edge::buffer::Buffer, from: u64, to: u64) {
+    let h = buffer.handle();
+    for n in from..to {
+        h.append(telemesh_edge::buffer::Incoming {
+            topic: "site/relay".into(),
+            payload: n.to_string().into_bytes(),
+            ts_us: n,
+            qos: 1,
+            headers: None,
+        })
+        .unwrap();
+    }
+}
+
+/// Uplink settings for tests: the mesh CA in `certs/`, nodes verified as `node-a`, batches
+/// of 100 events, a window of 4, quick reconnects and a 1 s ack timeout.
+pub fn uplink_options(certs: &Path, nodes: Vec<String>) -> telemesh_gateway::UplinkOptions {
+    telemesh_gateway::UplinkOptions {
+        nodes,
+        server_name: Some("node-a".into()),
+        roots: telemesh_quic::tls::load_roots(&certs.join("ca.pem")).unwrap(),
+        forwarder: telemesh_proto::forwarder::ForwarderConfig {
+            batch_max_events: 100,
+            batch_max_bytes: 1 << 20,
+            window: 4,
+            linger: Duration::ZERO,
+        },
+        max_event_bytes: 65_536,
+        backoff_max: Duration::from_millis(200),
+        connect_timeout: Duration::from_secs(2),
+        failback_interval: Duration::from_millis(200),
+        ack_timeout: Duration::from_secs(1),
+        compression: telemesh_proto::frame::Compression::None,
+        max_bandwidth: None,
+    }
+}

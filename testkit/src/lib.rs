@@ -10,20 +10,24 @@
 pub mod certs;
 pub mod edge;
 pub mod http;
+pub mod mem;
 pub mod mqtt;
 pub mod net;
 pub mod node;
 pub mod process;
+pub mod quic;
 pub mod rng;
 pub mod wait;
 
 pub use certs::{fake_certs, mesh_certs};
 pub use edge::{
-    buffer_dir, look, payloads, publish, test_buffer, write_config, QoS, RunningUplink, MAP_SIZE,
+    append, buffer_dir, look, payloads, publish, test_buffer, uplink_options, write_config, QoS,
+    RunningUplink, MAP_SIZE,
 };
 pub use http::{http_get, http_get_blocking};
+pub use mem::rss_anon_kib;
 pub use net::{free_port, free_udp_port, wait_listening};
-pub use node::{client_config, NodeToml};
+pub use node::{client_config, write_client_toml, NodeToml};
 pub use process::Process;
 pub use rng::Rng;
 pub use wait::{wait_for, wait_for_async};

@@ -114,3 +114,24 @@ pub fn client_config(certs: &Path, node: &str, server_name: &str, identity: &str
         key: certs.join(format!("{identity}.key")),
     }
 }
+
+/// Writes `client.toml` into `dir` for [`client_config`]'s settings; returns its path.
+pub fn write_client_toml(
+    dir: &Path,
+    certs: &Path,
+    node: &str,
+    server_name: &str,
+    identity: &str,
+) -> PathBuf {
+    let c = certs.display();
+    let path = dir.join(format!("client-{identity}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "node = \"{node}\"\nserver_name = \"{server_name}\"\nca = \"{c}/ca.pem\"\n\
+             cert = \"{c}/{identity}.pem\"\nkey = \"{c}/{identity}.key\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}

@@ -486,6 +486,21 @@ impl Writer {
                     );
                     self.budget = lowered;
                 }
+                Err(e) if refused_by_request(&e) && group.len() > 1 => {
+                    // One command holds what LMDB refuses: split until it stands alone.
+                    self.meta = snapshot;
+                    let (left, right) = group.split_at_mut(group.len() / 2);
+                    self.commit_group(left)?;
+                    return self.commit_group(right);
+                }
+                Err(e) if refused_by_request(&e) => {
+                    // It fails alone; the writer goes on.
+                    self.meta = snapshot;
+                    let why = format!("refused by storage: {e}");
+                    warn!(error = %why, "one command refused; the writer goes on");
+                    self.count_unstorable(group, &why);
+                    return Ok(());
+                }
                 Err(e) => {
                     self.meta = snapshot;
                     return Err(self.fail(e.to_string(), group));
@@ -586,7 +601,7 @@ impl Writer {
             Command::Lost { count, reason } => {
                 let gap = Gap {
                     kind: GapKind::Unsequenced {
-                        after: self.meta.next_seq - 1,
+                        after: self.meta.next_seq.saturating_sub(1),
                         count: *count,
                     },
                     reason: *reason,
@@ -751,4 +766,15 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// True when LMDB refused what a command holds (a key over its maximum size, a value it
+/// cannot store): the command's fault, not the disk's.
+fn refused_by_request(e: &heed::Error) -> bool {
+    matches!(
+        e,
+        heed::Error::Mdb(heed::MdbError::BadValSize)
+            | heed::Error::Encoding(_)
+            | heed::Error::Decoding(_)
+    )
 }

@@ -33,6 +33,9 @@ use crate::metrics::EdgeMetrics;
 use codec::{CloseReason, CodecError, ConnCode, In, Out, Version};
 use telemesh_proto::topic::validate_topic_name;
 
+/// The longest client id the durable port accepts, in bytes.
+pub const MAX_CLIENT_ID: usize = 128;
+
 /// How the durable port behaves.
 #[derive(Clone)]
 pub struct DurableOptions {
@@ -285,7 +288,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
     if client_id.is_empty() && clean {
         client_id = format!("auto-{:016x}", rand::random::<u64>());
     }
-    if client_id.is_empty() || client_id.len() > 256 || client_id.contains('\0') {
+    // The client id becomes part of a storage key (QoS 2 state): at most MAX_CLIENT_ID
+    // bytes of any UTF-8 but NUL (MQTT strings), refused with "client identifier not valid".
+    if client_id.is_empty() || client_id.len() > MAX_CLIENT_ID || client_id.contains('\0') {
         m.durable_refused.fetch_add(1, Relaxed);
         let _ = wr.write_all(&reply(ConnCode::BadClientId, false)).await;
         return;

@@ -45,8 +45,8 @@ use heed::types::Bytes;
 use heed::{CommitOrAbort, EnvFlags, EnvOpenOptions};
 use serde::{Deserialize, Serialize};
 use telemesh_proto::frame::DeadLetter;
-use telemesh_proto::replication::{NotSelected, Replicated, UpstreamCursor};
-use telemesh_proto::{Event, Gap};
+use telemesh_proto::replication::{NotSelected, Replicated, ReplicatedItem, UpstreamCursor};
+use telemesh_proto::{validate_name, ErrorCode, Event, Gap, MAX_SEQ};
 use tokio::sync::{oneshot, watch};
 use tracing::info;
 use writer::{Cmd, Writer};
@@ -105,6 +105,15 @@ pub enum LogError {
     /// The directory could not be created.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The request holds something the log never stores (an invalid name, a seq or gap out
+    /// of bounds, a key too long for LMDB); it was not queued.
+    #[error("refused: {code} {reason}")]
+    Refused {
+        /// The stable code to answer with.
+        code: ErrorCode,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// How many refused events the dead-letter store keeps (the oldest go first).
@@ -242,7 +251,7 @@ impl NodeLog {
         };
         wtxn.commit()?;
         shared.env.force_sync()?;
-        let (committed_tx, committed) = watch::channel(meta.next_seq - 1);
+        let (committed_tx, committed) = watch::channel(meta.next_seq.saturating_sub(1));
         let incarnation = meta.incarnation;
         info!(node_id, incarnation, next_seq = meta.next_seq, "log open");
         let (tx, rx) = flume::bounded(4096);
@@ -314,6 +323,7 @@ impl NodeLog {
         gaps: Vec<Gap>,
         rejected: Vec<DeadLetter>,
     ) -> Result<Pending, LogError> {
+        check_origin(&origin, &events, &gaps)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Cmd::Ingest {
@@ -337,6 +347,28 @@ impl NodeLog {
     /// Queues replicated records with their upstream cursor (one transaction); see
     /// [`wait_commit`].
     pub async fn submit_replica(&self, batch: ReplicaBatch) -> Result<Pending, LogError> {
+        check_key("upstream", batch.from.as_bytes())?;
+        for r in &batch.records {
+            for (node, _) in &r.path {
+                refuse_name("node id", node)?;
+            }
+            match &r.item {
+                ReplicatedItem::Event(e) => check_origin(&r.origin, std::slice::from_ref(e), &[])?,
+                ReplicatedItem::Gap(g) => check_origin(&r.origin, &[], std::slice::from_ref(g))?,
+            }
+        }
+        for d in &batch.rejected {
+            refuse_name("origin", &d.origin)?;
+        }
+        if let Some((first, last)) = batch.truncated {
+            refuse_name("node id", &batch.cursor.node_id)?;
+            if first == 0 || first > last {
+                return Err(LogError::Refused {
+                    code: ErrorCode::INVALID_GAP,
+                    reason: format!("truncated range {first}..={last} is empty or reversed"),
+                });
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Cmd::Replica(Box::new(batch), reply))
@@ -347,6 +379,7 @@ impl NodeLog {
 
     /// Stores a durable consumer's cursor; returns once committed.
     pub async fn put_cursor(&self, key: Vec<u8>, cursor: Cursor) -> Result<(), LogError> {
+        check_key("durable consumer", &key)?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Cmd::Cursor {
@@ -363,6 +396,9 @@ impl NodeLog {
 
     /// Marks a durable consumer as seen now, without waiting (for a connection's end).
     pub fn touch_cursor(&self, key: Vec<u8>) {
+        if check_key("durable consumer", &key).is_err() {
+            return;
+        }
         let _ = self.tx.try_send(Cmd::Touch { key });
     }
 }
@@ -373,5 +409,158 @@ impl Drop for NodeLog {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+    }
+}
+
+/// The longest key LMDB stores (MDB_MAXKEYSIZE, as lmdb-master-sys is built).
+pub const MAX_KEY_BYTES: usize = 511;
+
+fn check_key(what: &str, key: &[u8]) -> Result<(), LogError> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(LogError::Refused {
+            code: ErrorCode::INVALID_NAME,
+            reason: format!(
+                "{what} key of {} bytes is outside 1..={MAX_KEY_BYTES}",
+                key.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn refuse_name(what: &str, name: &str) -> Result<(), LogError> {
+    validate_name(what, name).map_err(|reason| LogError::Refused {
+        code: ErrorCode::INVALID_NAME,
+        reason,
+    })
+}
+
+/// What the writer will put in keys and range sets, checked before the command is queued.
+fn check_origin(origin: &str, events: &[Event], gaps: &[Gap]) -> Result<(), LogError> {
+    refuse_name("origin", origin)?;
+    if let Some(e) = events.iter().find(|e| e.seq == 0 || e.seq > MAX_SEQ) {
+        return Err(LogError::Refused {
+            code: ErrorCode::INVALID_SEQ,
+            reason: format!("seq {} is outside 1..={MAX_SEQ}", e.seq),
+        });
+    }
+    if let Some(reason) = gaps.iter().find_map(|g| g.validate().err()) {
+        return Err(LogError::Refused {
+            code: ErrorCode::INVALID_GAP,
+            reason,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64) -> Event {
+        Event {
+            seq,
+            topic: "site/t".into(),
+            payload: b"x".to_vec(),
+            ts_us: seq,
+            qos: 1,
+            headers: None,
+        }
+    }
+
+    /// A command LMDB refuses (here a cursor key past MDB_MAXKEYSIZE, sent to the writer
+    /// without the API's check) fails alone: the writer answers it with the error, keeps
+    /// no failure, and stores the next batch.
+    #[tokio::test]
+    async fn a_command_lmdb_refuses_fails_alone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = NodeLog::open(dir.path(), "node-a", 64 << 20, Sync::None).unwrap();
+        let (reply, rx) = oneshot::channel();
+        log.tx
+            .send_async(Cmd::Cursor {
+                key: vec![b'x'; 600],
+                cursor: Cursor {
+                    filters: vec!["#".into()],
+                    acked: 0,
+                    seen_us: 0,
+                },
+                reply: Some(reply),
+            })
+            .await
+            .unwrap();
+        let why = rx.await.unwrap().unwrap_err();
+        assert!(why.contains("refused by storage"), "{why}");
+        assert_eq!(log.failure(), None, "the writer keeps writing");
+        let stored = log
+            .ingest("gw-1".into(), 7, (1..=10).map(event).collect(), vec![])
+            .await
+            .unwrap();
+        assert_eq!(stored.stored, 10);
+        // Through the API the same key is refused before it is queued.
+        let err = log
+            .put_cursor(
+                vec![b'x'; 600],
+                Cursor {
+                    filters: vec![],
+                    acked: 0,
+                    seen_us: 0,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LogError::Refused { code, .. } if code == ErrorCode::INVALID_NAME));
+    }
+
+    #[tokio::test]
+    async fn origins_seqs_and_gaps_that_cannot_be_stored_are_refused_before_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = NodeLog::open(dir.path(), "node-a", 64 << 20, Sync::None).unwrap();
+        let long = "o".repeat(600);
+        let cases: Vec<(String, Vec<Event>, Vec<Gap>, ErrorCode)> = vec![
+            (long, vec![event(1)], vec![], ErrorCode::INVALID_NAME),
+            (
+                "gw-1".into(),
+                vec![event(0)],
+                vec![],
+                ErrorCode::INVALID_SEQ,
+            ),
+            (
+                "gw-1".into(),
+                vec![event(u64::MAX)],
+                vec![],
+                ErrorCode::INVALID_SEQ,
+            ),
+            (
+                "gw-1".into(),
+                vec![],
+                vec![Gap {
+                    kind: telemesh_proto::GapKind::Range {
+                        first: 0,
+                        last: u64::MAX,
+                    },
+                    reason: telemesh_proto::GapReason::Evicted,
+                    ts_us: 0,
+                }],
+                ErrorCode::INVALID_GAP,
+            ),
+        ];
+        for (origin, events, gaps, want) in cases {
+            let err = log
+                .submit(origin, 1, events, gaps, vec![])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, LogError::Refused { code, .. } if *code == want),
+                "{err}"
+            );
+        }
+        assert_eq!(log.failure(), None);
+        assert_eq!(
+            log.ingest("gw-1".into(), 1, vec![event(1)], vec![])
+                .await
+                .unwrap()
+                .stored,
+            1
+        );
     }
 }

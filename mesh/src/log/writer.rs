@@ -89,27 +89,9 @@ impl Writer {
     }
 
     fn commit(&mut self, group: Vec<Cmd>) {
-        let mut replies = Vec::new();
-        let mut batches = Vec::new();
-        let mut cursors = Vec::new();
-        let mut replicas = Vec::new();
-        let mut replica_replies = Vec::new();
-        let mut touches: Vec<Vec<u8>> = Vec::new();
+        let mut work = Vec::with_capacity(group.len());
         for c in group {
             match c {
-                Cmd::Ingest {
-                    origin,
-                    epoch,
-                    events,
-                    gaps,
-                    rejected,
-                    reply,
-                } => {
-                    batches.push((origin, epoch, events, gaps, rejected));
-                    replies.push(reply);
-                }
-                Cmd::Cursor { key, cursor, reply } => cursors.push((key, cursor, reply)),
-                Cmd::Touch { key } => touches.push(key),
                 Cmd::Expire {
                     before_us,
                     keep,
@@ -117,10 +99,6 @@ impl Writer {
                 } => {
                     let r = self.expire(before_us, &keep);
                     let _ = reply.send(r);
-                }
-                Cmd::Replica(batch, reply) => {
-                    replicas.push(batch);
-                    replica_replies.push(reply);
                 }
                 Cmd::Retain {
                     min_ingest_us,
@@ -132,112 +110,138 @@ impl Writer {
                     let _ = reply.send(r);
                 }
                 Cmd::Stop => {}
+                c => work.push(c),
             }
         }
-        if batches.is_empty() && cursors.is_empty() && replicas.is_empty() && touches.is_empty() {
+        self.commit_work(work);
+    }
+
+    /// Commits ingests, replica batches and cursor changes in one transaction and answers
+    /// each. A command that LMDB refuses for what it holds (a key or value it cannot store)
+    /// fails alone: the group is split and retried until that command stands by itself, and
+    /// it is answered with the error while the writer goes on. Only trouble of the disk
+    /// itself (an I/O error, a failed sync) stops the writer; a full map refuses the group
+    /// until retention makes room.
+    fn commit_work(&mut self, mut work: Vec<Cmd>) {
+        if work.is_empty() {
             return;
         }
-        if let Some(f) = &self.failed {
-            for r in replies.into_iter().chain(replica_replies) {
-                let _ = r.send(Err(f.clone()));
-            }
-            for (_, _, r) in cursors {
-                if let Some(r) = r {
-                    let _ = r.send(Err(f.clone()));
-                }
+        if let Some(f) = self.failed.clone() {
+            for c in work {
+                reply(c, Err(f.clone()));
             }
             return;
         }
         let snapshot = self.meta.clone();
         let mut dirty: HashSet<Vec<u8>> = HashSet::new();
+        let result = self.try_commit(&work, &mut dirty);
+        let e = match result {
+            Ok(outcomes) => {
+                let _ = self.committed.send(self.meta.next_seq.saturating_sub(1));
+                for (c, o) in work.into_iter().zip(outcomes) {
+                    reply(c, Ok(o));
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        // Forget cached sets this transaction touched: they will be reloaded.
+        for k in &dirty {
+            self.held.remove(k);
+            self.lost.remove(k);
+        }
+        self.meta = snapshot;
+        if refused_by_request(&e) {
+            if work.len() > 1 {
+                let rest = work.split_off(work.len() / 2);
+                self.commit_work(work);
+                self.commit_work(rest);
+            } else {
+                let why = format!("refused by storage: {e}");
+                warn!(error = %why, "one command refused; the writer goes on");
+                for c in work {
+                    reply(c, Err(why.clone()));
+                }
+            }
+            return;
+        }
+        let why = if matches!(e, heed::Error::Mdb(heed::MdbError::MapFull)) {
+            // Nothing was written; retention (or a larger map) makes room again.
+            warn!("log full: batches are refused until retention frees room");
+            STORAGE_FULL.to_owned()
+        } else {
+            let why = e.to_string();
+            error!(error = %why, "log commit failed: the writer stops writing");
+            self.failed = Some(why.clone());
+            if let Ok(mut f) = self.failure.lock() {
+                *f = Some(why.clone());
+            }
+            why
+        };
+        for c in work {
+            reply(c, Err(why.clone()));
+        }
+    }
+
+    /// One transaction over `work`, in order; the outcome of each command.
+    fn try_commit(
+        &mut self,
+        work: &[Cmd],
+        dirty: &mut HashSet<Vec<u8>>,
+    ) -> Result<Vec<IngestOutcome>, heed::Error> {
         let shared = self.shared.clone();
-        let result = (|| -> Result<(Vec<IngestOutcome>, Vec<IngestOutcome>), heed::Error> {
-            let mut wtxn = shared.env.write_txn()?;
-            let mut outcomes = Vec::new();
-            for (origin, epoch, events, gaps, rejected) in &batches {
-                outcomes.push(self.apply(&mut wtxn, origin, *epoch, events, gaps, &mut dirty)?);
-                self.dead_letters(&mut wtxn, origin, *epoch, rejected)?;
-            }
-            let mut replica_outcomes = Vec::new();
-            for batch in &replicas {
-                replica_outcomes.push(self.apply_replica(&mut wtxn, batch, &mut dirty)?);
-            }
-            for (key, cursor, _) in &cursors {
-                shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
-            }
-            let now = now_us();
-            for key in &touches {
-                let cursor: Option<Cursor> = shared
-                    .cursors
-                    .get(&wtxn, key)?
-                    .and_then(|b| postcard::from_bytes(b).ok());
-                if let Some(mut c) = cursor {
-                    c.seen_us = now;
-                    shared.cursors.put(&mut wtxn, key, &encode(&c))?;
+        let mut wtxn = shared.env.write_txn()?;
+        let mut outcomes = Vec::with_capacity(work.len());
+        let now = now_us();
+        for c in work {
+            let outcome = match c {
+                Cmd::Ingest {
+                    origin,
+                    epoch,
+                    events,
+                    gaps,
+                    rejected,
+                    ..
+                } => {
+                    let o = self.apply(&mut wtxn, origin, *epoch, events, gaps, dirty)?;
+                    self.dead_letters(&mut wtxn, origin, *epoch, rejected)?;
+                    o
                 }
-            }
-            for key in &dirty {
-                if let Some(set) = self.held.get(key) {
-                    shared.held.put(&mut wtxn, key, &encode(set))?;
+                Cmd::Replica(batch, _) => self.apply_replica(&mut wtxn, batch, dirty)?,
+                Cmd::Cursor { key, cursor, .. } => {
+                    shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
+                    IngestOutcome::default()
                 }
-                if let Some(set) = self.lost.get(key) {
-                    shared.lost.put(&mut wtxn, key, &encode(set))?;
-                }
-            }
-            shared.meta.put(&mut wtxn, META, &encode(&self.meta))?;
-            wtxn.commit()?;
-            if self.sync == Sync::Interval && self.last_sync.elapsed().as_millis() >= 100 {
-                shared.env.force_sync()?;
-                self.last_sync = Instant::now();
-            }
-            Ok((outcomes, replica_outcomes))
-        })();
-        match result {
-            Ok((outcomes, replica_outcomes)) => {
-                let _ = self.committed.send(self.meta.next_seq - 1);
-                for (r, o) in replies.into_iter().zip(outcomes) {
-                    let _ = r.send(Ok(o));
-                }
-                for (r, o) in replica_replies.into_iter().zip(replica_outcomes) {
-                    let _ = r.send(Ok(o));
-                }
-                for (_, _, r) in cursors {
-                    if let Some(r) = r {
-                        let _ = r.send(Ok(()));
+                Cmd::Touch { key } => {
+                    let cursor: Option<Cursor> = shared
+                        .cursors
+                        .get(&wtxn, key)?
+                        .and_then(|b| postcard::from_bytes(b).ok());
+                    if let Some(mut c) = cursor {
+                        c.seen_us = now;
+                        shared.cursors.put(&mut wtxn, key, &encode(&c))?;
                     }
+                    IngestOutcome::default()
                 }
+                Cmd::Expire { .. } | Cmd::Retain { .. } | Cmd::Stop => IngestOutcome::default(),
+            };
+            outcomes.push(outcome);
+        }
+        for key in dirty.iter() {
+            if let Some(set) = self.held.get(key) {
+                shared.held.put(&mut wtxn, key, &encode(set))?;
             }
-            Err(e) => {
-                // Forget cached sets this transaction touched: they will be reloaded.
-                for k in &dirty {
-                    self.held.remove(k);
-                    self.lost.remove(k);
-                }
-                self.meta = snapshot;
-                let full = matches!(e, heed::Error::Mdb(heed::MdbError::MapFull));
-                let why = if full {
-                    // Nothing was written; retention (or a larger map) makes room again.
-                    warn!("log full: batches are refused until retention frees room");
-                    STORAGE_FULL.to_owned()
-                } else {
-                    let why = e.to_string();
-                    error!(error = %why, "log commit failed: the writer stops writing");
-                    self.failed = Some(why.clone());
-                    if let Ok(mut f) = self.failure.lock() {
-                        *f = Some(why.clone());
-                    }
-                    why
-                };
-                for r in replies.into_iter().chain(replica_replies) {
-                    let _ = r.send(Err(why.clone()));
-                }
-                for (_, _, r) in cursors {
-                    if let Some(r) = r {
-                        let _ = r.send(Err(why.clone()));
-                    }
-                }
+            if let Some(set) = self.lost.get(key) {
+                shared.lost.put(&mut wtxn, key, &encode(set))?;
             }
         }
+        shared.meta.put(&mut wtxn, META, &encode(&self.meta))?;
+        wtxn.commit()?;
+        if self.sync == Sync::Interval && self.last_sync.elapsed().as_millis() >= 100 {
+            shared.env.force_sync()?;
+            self.last_sync = Instant::now();
+        }
+        Ok(outcomes)
     }
 
     /// Appends one record at the next node seq.
@@ -481,5 +485,31 @@ struct Place<'a> {
 fn mark_dirty(dirty: &mut HashSet<Vec<u8>>, key: &[u8]) {
     if !dirty.contains(key) {
         dirty.insert(key.to_vec());
+    }
+}
+
+/// True when LMDB refused what a command holds (a key over its maximum size, a value it
+/// cannot store): the command's fault, not the disk's.
+fn refused_by_request(e: &heed::Error) -> bool {
+    matches!(
+        e,
+        heed::Error::Mdb(heed::MdbError::BadValSize)
+            | heed::Error::Encoding(_)
+            | heed::Error::Decoding(_)
+    )
+}
+
+/// Answers a command with its outcome.
+fn reply(c: Cmd, r: Result<IngestOutcome, String>) {
+    match c {
+        Cmd::Ingest { reply, .. } | Cmd::Replica(_, reply) => {
+            let _ = reply.send(r);
+        }
+        Cmd::Cursor {
+            reply: Some(reply), ..
+        } => {
+            let _ = reply.send(r.map(|_| ()));
+        }
+        _ => {}
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use telemesh_proto::frame::Compression;
-use telemesh_proto::{ErrorCode, Frame, Role, PROTOCOL_VERSION};
+use telemesh_proto::{validate_name, ErrorCode, Frame, Role, PROTOCOL_VERSION};
 use tracing::{debug, warn, Instrument};
 
 use super::ingest::uplink;
@@ -116,6 +116,9 @@ async fn stream(
         if version != PROTOCOL_VERSION {
             let why = format!("protocol version {version} is not {PROTOCOL_VERSION}");
             return reject(&mut send, &conn, &ctx, ErrorCode::UNSUPPORTED_VERSION, why).await;
+        }
+        if let Err(why) = validate_name("identity", &identity) {
+            return reject(&mut send, &conn, &ctx, ErrorCode::INVALID_NAME, why).await;
         }
         if id != identity {
             let why = format!("hello id {id:?} differs from the certificate's {identity:?}");

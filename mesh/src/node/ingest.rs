@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use telemesh_proto::frame::Rejection;
 use telemesh_proto::topic::{matches, validate_topic_name};
-use telemesh_proto::{ErrorCode, Frame};
+use telemesh_proto::{ErrorCode, Frame, MAX_SEQ};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::handshake::protocol_error;
 use super::{Ctx, NodeMetrics};
 use crate::config::Access;
-use crate::log::{wait_commit, Pending};
+use crate::log::{wait_commit, LogError, Pending};
 use telemesh_quic::wire::{write_frame, FrameReader, WireError};
 
 enum AckItem {
@@ -71,11 +71,28 @@ pub(super) async fn uplink(
             }
             continue;
         }
+        // A gap from the wire is checked before it can reach a range set: an empty, reversed
+        // or absurd range refuses the batch.
+        if let Some(why) = gaps.iter().find_map(|g| g.validate().err()) {
+            if tx
+                .send(AckItem::Refused(id, ErrorCode::INVALID_GAP, why))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
         let mut rejected = Vec::new();
         let mut refused_topics = std::collections::HashMap::new();
         let mut accepted = Vec::with_capacity(events.len());
         for ev in events {
-            let refusal = if let Err(e) = validate_topic_name(&ev.topic) {
+            let refusal = if ev.seq == 0 || ev.seq > MAX_SEQ {
+                Some((
+                    ErrorCode::INVALID_SEQ,
+                    format!("seq {} is outside 1..={MAX_SEQ}", ev.seq),
+                ))
+            } else if let Err(e) = validate_topic_name(&ev.topic) {
                 Some((ErrorCode::INVALID_TOPIC, e.to_string()))
             } else if !access.publish.iter().any(|f| matches(f, &ev.topic)) {
                 Some((
@@ -116,8 +133,10 @@ pub(super) async fn uplink(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
+        // An event without a valid seq has no identity to keep: it is refused, not stored.
         let dead: Vec<telemesh_proto::frame::DeadLetter> = rejected
             .iter()
+            .filter(|r| r.code != ErrorCode::INVALID_SEQ)
             .map(|r| telemesh_proto::frame::DeadLetter {
                 origin: origin.clone(),
                 epoch,
@@ -138,6 +157,9 @@ pub(super) async fn uplink(
                 {
                     break;
                 }
+            }
+            Err(LogError::Refused { code, reason }) => {
+                let _ = tx.send(AckItem::Refused(id, code, reason)).await;
             }
             Err(e) => {
                 let _ = tx

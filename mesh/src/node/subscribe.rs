@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use telemesh_proto::replication::{PeerRound, Replicated, ReplicatedItem};
 use telemesh_proto::topic::matches;
-use telemesh_proto::{ErrorCode, Frame, Role};
+use telemesh_proto::{validate_name, ErrorCode, Frame, Role};
 use tracing::warn;
 
 use super::handshake::protocol_error;
@@ -150,6 +150,10 @@ pub(super) async fn consumer(
     // A peer keeps its cursor in its own log: the node keeps no state for it.
     let peer = (role == Role::Peer).then(|| peer_incarnation.unwrap_or(0));
     let durable = if peer.is_some() { None } else { durable };
+    // The name becomes a storage key: refused here, it never reaches the log writer.
+    if let Some(Err(why)) = durable.as_deref().map(|n| validate_name("durable name", n)) {
+        return send_error(&mut send, &ctx, ErrorCode::INVALID_NAME, why).await;
+    }
     let key = durable
         .as_ref()
         .map(|name| crate::log::cursor_key(&identity, name));

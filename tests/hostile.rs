@@ -1,0 +1,258 @@
+//! Attacks on real `telemesh node` processes (real QUIC, certificates and LMDB), one test per
+//! attack. After each, the same checks: a good uplink (the real gateway draining an edge
+//! buffer) is still acknowledged, a good consumer (`telemesh sub`) still gets every event,
+//! nothing acknowledged was lost, `/healthz` answers 200, and the node's RssAnon stayed
+//! under [`NODE_RSS_ANON_MIB`].
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use telemesh_proto::{ErrorCode, Frame, Gap, GapKind, GapReason, Role};
+use telemesh_quic::wire::write_frame;
+use telemesh_testkit::quic::{dial, events, hello};
+
+/// The bound on the node's anonymous memory after every attack (a debug build serving these
+/// tests holds a few MiB).
+const NODE_RSS_ANON_MIB: u64 = 64;
+
+/// A node process with an uplink `gw-1` (publish `site/#`), a consumer `analytics` (read
+/// `site/#`) and `/metrics` on.
+struct Node {
+    dir: tempfile::TempDir,
+    process: Process,
+    addr: SocketAddr,
+    http: SocketAddr,
+    client_toml: PathBuf,
+}
+
+impl Node {
+    fn start() -> Node {
+        let dir = mesh_certs(&["node-a"], &["gw-1", "gw-2"], &["analytics"]);
+        let certs = dir.path().join("certs");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = NodeToml::new("node-a", &certs, &dir.path().join("node"))
+            .listen(&addr.to_string())
+            .section(&format!("[metrics]\nlisten = \"{http}\""))
+            .access("gw-1", "uplink", "publish = [\"site/#\"]")
+            .access("gw-2", "uplink", "publish = [\"site/#\"]")
+            .access("analytics", "consumer", "read = [\"site/#\"]")
+            .write(&dir.path().join("node.toml"));
+        let process = spawn_role("node", &config);
+        wait_listening(http);
+        let client_toml =
+            write_client_toml(dir.path(), &certs, &addr.to_string(), "node-a", "analytics");
+        Node {
+            dir,
+            process,
+            addr,
+            http,
+            client_toml,
+        }
+    }
+
+    fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    fn rss_anon_mib(&self) -> u64 {
+        rss_anon_kib(self.process.id()) / 1024
+    }
+
+    /// What must hold after an attack: `n` events from a good uplink are acknowledged, a
+    /// good consumer reads all `total` events the node holds, `/healthz` is 200 and the
+    /// memory bound held.
+    async fn still_serves_good_clients(&self, n: u64, total: usize) {
+        let buffer = test_buffer(&self.dir.path().join("edge"), "gw-1", 8 << 20);
+        let up = RunningUplink::start(
+            "gw-1",
+            uplink_options(&self.certs(), vec![self.addr.to_string()]),
+            &self.certs(),
+            "gw-1",
+            &buffer,
+        );
+        append(&buffer, 0, n);
+        let epoch = buffer.epoch();
+        let reader = buffer.reader();
+        wait_for_async(
+            "the good uplink's events acknowledged",
+            Duration::from_secs(30),
+            || reader.state().unwrap().acked == Some((epoch, n)),
+        )
+        .await;
+        up.stop().await;
+        let toml = self.client_toml.clone();
+        let count = total.to_string();
+        let (ok, lines, err) = tokio::task::spawn_blocking(move || {
+            sub(
+                &toml,
+                &[
+                    "--filter",
+                    "site/#",
+                    "--from",
+                    "earliest",
+                    "--json",
+                    "--count",
+                    &count,
+                    "--timeout",
+                    "30s",
+                ],
+            )
+        })
+        .await
+        .unwrap();
+        assert!(ok, "the good consumer is served: {err}");
+        assert_eq!(lines.len(), total, "every stored event is delivered");
+        let health = http_get(self.http, "/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        let rss = self.rss_anon_mib();
+        eprintln!("node RssAnon after the attack: {rss} MiB");
+        assert!(
+            rss < NODE_RSS_ANON_MIB,
+            "node RssAnon {rss} MiB over its bound of {NODE_RSS_ANON_MIB} MiB"
+        );
+    }
+}
+
+/// The regression of the review's C1: `telemesh sub --durable` with a 600-byte name made LMDB
+/// refuse the cursor key, which stopped the log writer for good (every later batch
+/// STORAGE_FAILED, `/healthz` 503). The name is refused with its code; nothing else notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_600_byte_durable_name_is_refused_and_the_writer_goes_on() {
+    let node = Node::start();
+    let toml = node.client_toml.clone();
+    let long = "x".repeat(600);
+    let (ok, lines, err) = tokio::task::spawn_blocking(move || {
+        sub(
+            &toml,
+            &[
+                "--filter",
+                "site/#",
+                "--durable",
+                &long,
+                "--count",
+                "1",
+                "--timeout",
+                "10s",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "sub fails");
+    assert!(lines.is_empty());
+    assert!(
+        err.contains("invalid_name") && err.contains("600 bytes"),
+        "refused with its code and why: {err}"
+    );
+    // Names at the bound and with other characters: the bound is served, the rest refused.
+    let toml = node.client_toml.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        sub(
+            &toml,
+            &[
+                "--filter",
+                "site/#",
+                "--durable",
+                "a/b",
+                "--count",
+                "1",
+                "--timeout",
+                "10s",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok && err.contains("invalid_name"), "{err}");
+    node.still_serves_good_clients(1_000, 1_000).await;
+}
+
+/// A hostile uplink sends gap records that are empty, reversed or absurd (`0..=u64::MAX`) and
+/// events with seqs 0 and `u64::MAX`: the gaps refuse their batch with INVALID_GAP, the
+/// events are refused alone with INVALID_SEQ, nothing overflows, and the connection and the
+/// node go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_gap_ranges_and_seqs_are_refused_with_codes() {
+    let node = Node::start();
+    let conn = dial(
+        &node.certs(),
+        "gw-2",
+        &node.certs().join("ca.pem"),
+        node.addr,
+        "node-a",
+    )
+    .await
+    .unwrap();
+    let (mut send, mut reader, welcome) = hello(&conn, "gw-2", Role::Uplink).await;
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    let gap = |kind| Gap {
+        kind,
+        reason: GapReason::Evicted,
+        ts_us: 0,
+    };
+    let bad_gaps = [
+        GapKind::Range {
+            first: 0,
+            last: u64::MAX,
+        },
+        GapKind::Range { first: 9, last: 3 },
+        GapKind::Unsequenced { after: 0, count: 0 },
+        GapKind::Unsequenced {
+            after: u64::MAX,
+            count: u64::MAX,
+        },
+    ];
+    for (id, kind) in bad_gaps.into_iter().enumerate() {
+        let batch = Frame::Batch {
+            id: id as u64,
+            origin: "gw-2".into(),
+            epoch: 5,
+            events: events(1..=3, "site/x"),
+            gaps: vec![gap(kind)],
+        };
+        write_frame(&mut send, &batch).await.unwrap();
+        match reader.next().await.unwrap().unwrap() {
+            Frame::BatchRefused { id: got, code, .. } => {
+                assert_eq!((got, code), (id as u64, ErrorCode::INVALID_GAP));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let mut evs = events(1..=3, "site/x");
+    evs[0].seq = 0;
+    evs[2].seq = u64::MAX;
+    write_frame(
+        &mut send,
+        &Frame::Batch {
+            id: 10,
+            origin: "gw-2".into(),
+            epoch: 5,
+            events: evs,
+            gaps: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    match reader.next().await.unwrap().unwrap() {
+        Frame::Ack { id, rejected } => {
+            assert_eq!(id, 10);
+            let refused: Vec<_> = rejected.iter().map(|r| (r.seq, r.code)).collect();
+            assert_eq!(
+                refused,
+                [
+                    (0, ErrorCode::INVALID_SEQ),
+                    (u64::MAX, ErrorCode::INVALID_SEQ)
+                ]
+            );
+        }
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    conn.close(0u32.into(), b"done");
+    // gw-2's event seq 2 was stored: 1 + the good uplink's 500.
+    node.still_serves_good_clients(500, 501).await;
+}
