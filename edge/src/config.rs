@@ -274,11 +274,9 @@ impl EdgeConfig {
     /// Checks every value that parses but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let id = &self.agent.id;
-        if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c == '/') {
-            return Err(invalid(
-                "agent.id",
-                "must be 1 to 255 characters, without '/' or control characters",
-            ));
+        // The agent's id is the origin of its events, a storage key at every node.
+        if let Err(why) = telemesh_proto::validate_name("agent.id", id) {
+            return Err(invalid("agent.id", why));
         }
         let b = &self.buffer;
         if b.max_bytes.as_u64() == 0 {

@@ -228,8 +228,8 @@ impl NodeConfig {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let n = &self.node;
-        if n.id.is_empty() || n.id.contains('/') {
-            return Err(invalid("node.id", "must be a non-empty name without '/'"));
+        if let Err(why) = telemesh_proto::validate_name("node.id", &n.id) {
+            return Err(invalid("node.id", why));
         }
         for (key, path) in [
             ("node.ca", &n.ca),

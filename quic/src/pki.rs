@@ -52,7 +52,7 @@ pub enum PkiError {
 
 fn check_name(name: &str) -> Result<(), PkiError> {
     let ok = !name.is_empty()
-        && name.len() <= 253
+        && name.len() <= telemesh_proto::MAX_NAME_BYTES
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
