@@ -31,12 +31,21 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
-        let dir = mesh_certs(&["node-a"], &["gw-1", "gw-2"], &["analytics"]);
+        Node::start_with("")
+    }
+
+    /// A node with further `[node]` keys (`key = value` lines).
+    fn start_with(node_keys: &str) -> Node {
+        let dir = mesh_certs(&["node-a"], &["gw-1", "gw-2"], &["analytics", "stranger"]);
         let certs = dir.path().join("certs");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = NodeToml::new("node-a", &certs, &dir.path().join("node"))
-            .listen(&addr.to_string())
+        let mut config =
+            NodeToml::new("node-a", &certs, &dir.path().join("node")).listen(&addr.to_string());
+        for line in node_keys.lines().filter(|l| !l.trim().is_empty()) {
+            config = config.node_key(line);
+        }
+        let config = config
             .section(&format!("[metrics]\nlisten = \"{http}\""))
             .access("gw-1", "uplink", "publish = [\"site/#\"]")
             .access("gw-2", "uplink", "publish = [\"site/#\"]")
@@ -57,6 +66,18 @@ impl Node {
 
     fn certs(&self) -> PathBuf {
         self.dir.path().join("certs")
+    }
+
+    async fn dial(&self, name: &str) -> quinn::Connection {
+        dial(
+            &self.certs(),
+            name,
+            &self.certs().join("ca.pem"),
+            self.addr,
+            "node-a",
+        )
+        .await
+        .unwrap()
     }
 
     fn rss_anon_mib(&self) -> u64 {
@@ -255,4 +276,145 @@ async fn absurd_gap_ranges_and_seqs_are_refused_with_codes() {
     conn.close(0u32.into(), b"done");
     // gw-2's event seq 2 was stored: 1 + the good uplink's 500.
     node.still_serves_good_clients(500, 501).await;
+}
+
+/// The code a connection was closed with by the node.
+async fn closed_with(conn: &quinn::Connection) -> ErrorCode {
+    match tokio::time::timeout(Duration::from_secs(20), conn.closed())
+        .await
+        .expect("the node closes the connection")
+    {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            ErrorCode(u16::try_from(c.error_code.into_inner()).unwrap())
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
+}
+
+/// The review's C2: a peer with any certificate of the mesh CA (here one with no access
+/// entry at all) announces a 16 MiB first frame on every stream it may open, and trickles
+/// it. The hello is read with a 4 KiB limit: each stream is refused at its length prefix,
+/// before anything is buffered or decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_first_frame_is_refused_at_its_length_before_any_access_check() {
+    let node = Node::start();
+    let before = node.rss_anon_mib();
+    for _ in 0..8 {
+        // "stranger" has a certificate from the mesh CA and no [[access]] entry.
+        let conn = node.dial("stranger").await;
+        let mut streams = Vec::new();
+        for _ in 0..8 {
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(&(16u32 << 20).to_le_bytes()).await.unwrap();
+            send.write_all(&[0u8; 64 * 1024]).await.unwrap();
+            streams.push(send);
+        }
+        assert_eq!(closed_with(&conn).await, ErrorCode::FRAME_TOO_LARGE);
+    }
+    let after = node.rss_anon_mib();
+    assert!(
+        after <= before + 16,
+        "RssAnon grew from {before} to {after} MiB"
+    );
+    node.still_serves_good_clients(200, 200).await;
+}
+
+/// A stream that opens and never says hello holds nothing for long: the connection is
+/// closed with HELLO_TIMEOUT after `node.hello_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_a_hello_is_closed_after_the_hello_timeout() {
+    let node = Node::start_with("hello_timeout = \"300ms\"");
+    let conn = node.dial("gw-1").await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // A hello's first two bytes, and then silence.
+    send.write_all(&[40, 0]).await.unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(closed_with(&conn).await, ErrorCode::HELLO_TIMEOUT);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    node.still_serves_good_clients(100, 100).await;
+}
+
+/// Connections per identity are capped (`node.max_connections_per_identity`): the one over
+/// the cap is closed with LIMIT_EXCEEDED, the others keep working, and once one ends a new
+/// one is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_identity_cap_are_closed_with_limit_exceeded() {
+    let node = Node::start_with("max_connections_per_identity = 3");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let conn = node.dial("gw-2").await;
+        let (_send, _reader, welcome) = hello(&conn, "gw-2", Role::Uplink).await;
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        held.push(conn);
+    }
+    let over = node.dial("gw-2").await;
+    assert_eq!(closed_with(&over).await, ErrorCode::LIMIT_EXCEEDED);
+    // Another identity is not affected.
+    node.still_serves_good_clients(100, 100).await;
+    // One ends; a new one is admitted.
+    held.pop().unwrap().close(0u32.into(), b"bye");
+    let admitted = wait_admitted(&node, "gw-2").await;
+    let (_send, _reader, welcome) = hello(&admitted, "gw-2", Role::Uplink).await;
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+}
+
+/// Dials until a connection of `name` is not closed for the cap (the node learns of a
+/// closed connection a moment after the peer closed it).
+async fn wait_admitted(node: &Node, name: &str) -> quinn::Connection {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let conn = node.dial(name).await;
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        drop((send.write_all(&[]).await, recv));
+        match tokio::time::timeout(Duration::from_millis(200), conn.closed()).await {
+            Err(_) => return conn,
+            Ok(_) => assert!(std::time::Instant::now() < until, "never admitted again"),
+        }
+    }
+}
+
+/// Nobody may open unidirectional streams (their limit is 0), bidirectional ones are capped
+/// at 8 per connection, and a subscription with more than 64 filters is refused as it is
+/// decoded (its collection bound), closing only that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limits_and_collection_bounds_hold() {
+    let node = Node::start();
+    let conn = node.dial("analytics").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), conn.open_uni())
+            .await
+            .is_err(),
+        "a unidirectional stream cannot be opened"
+    );
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[1]).await.unwrap();
+        open.push((send, recv));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), async {
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(&[1]).await.unwrap();
+        })
+        .await
+        .is_err(),
+        "a ninth concurrent stream waits"
+    );
+    drop(open);
+    conn.close(0u32.into(), b"done");
+    let conn = node.dial("analytics").await;
+    let (mut send, _reader, welcome) = hello(&conn, "analytics", Role::Consumer).await;
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    let subscribe = Frame::Subscribe {
+        filters: (0..65).map(|i| format!("site/{i}")).collect(),
+        start: telemesh_proto::Start::Earliest,
+        durable: None,
+        credit: 10,
+        gaps: false,
+        incarnation: None,
+    };
+    write_frame(&mut send, &subscribe).await.unwrap();
+    assert_eq!(closed_with(&conn).await, ErrorCode::MALFORMED_FRAME);
+    node.still_serves_good_clients(100, 100).await;
 }

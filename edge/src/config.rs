@@ -395,6 +395,15 @@ impl EdgeConfig {
                     "batch_max_events and window must be at least 1",
                 ));
             }
+            if u.batch_max_events > telemesh_proto::bounded::MAX_BATCH_EVENTS {
+                return Err(invalid(
+                    "uplink.batch_max_events",
+                    format!(
+                        "must be at most {} (the most events a node decodes in one batch)",
+                        telemesh_proto::bounded::MAX_BATCH_EVENTS
+                    ),
+                ));
+            }
             if u.batch_max_bytes.as_u64() < m.max_payload.as_u64() {
                 return Err(invalid(
                     "uplink.batch_max_bytes",

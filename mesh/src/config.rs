@@ -156,9 +156,37 @@ pub struct NodeSection {
     /// Largest event (topic + payload) stored.
     #[serde(default = "default_max_event")]
     pub max_event_bytes: ByteSize,
-    /// Largest frame accepted.
+    /// Largest frame accepted from an uplink (consumers and peers send small frames only:
+    /// [`SUBSCRIBER_MAX_FRAME`]).
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: ByteSize,
+    /// How long a new stream may take to send its hello (read with a limit of
+    /// [`HELLO_MAX_FRAME`] bytes) before the connection is closed.
+    #[serde(default = "default_hello_timeout", with = "humantime_serde")]
+    pub hello_timeout: std::time::Duration,
+    /// Connections at most, all identities together; more are refused before their
+    /// handshake.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections of one identity at most; more are closed after the handshake with
+    /// LIMIT_EXCEEDED.
+    #[serde(default = "default_max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+}
+
+/// The largest first frame of a stream (a hello), in bytes.
+pub const HELLO_MAX_FRAME: u32 = 4 * 1024;
+/// The largest frame a consumer or a peer may send (subscribe, credit, acks), in bytes.
+pub const SUBSCRIBER_MAX_FRAME: u32 = 64 * 1024;
+
+fn default_hello_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+fn default_max_connections() -> usize {
+    4_096
+}
+fn default_max_connections_per_identity() -> usize {
+    64
 }
 
 fn default_sync() -> Sync {
@@ -254,6 +282,18 @@ impl NodeConfig {
         if n.max_frame_bytes.as_u64() > u64::from(u32::MAX) {
             return Err(invalid("node.max_frame_bytes", "must be below 4GiB"));
         }
+        if n.hello_timeout.is_zero() {
+            return Err(invalid("node.hello_timeout", "must be above 0"));
+        }
+        if n.max_connections == 0 {
+            return Err(invalid("node.max_connections", "must be at least 1"));
+        }
+        if n.max_connections_per_identity == 0 {
+            return Err(invalid(
+                "node.max_connections_per_identity",
+                "must be at least 1",
+            ));
+        }
         if self.retention.interval.is_zero() {
             return Err(invalid("retention.interval", "must be above 0"));
         }
@@ -342,7 +382,10 @@ key = "certs/node-a.key"
 sync = "always"                    # or "interval", or "none"
 map_size = "64GiB"                 # LMDB map size of the log
 max_event_bytes = "1MiB"           # largest event (topic + payload) stored
-max_frame_bytes = "16MiB"          # largest frame accepted
+max_frame_bytes = "16MiB"          # largest frame accepted from an uplink
+hello_timeout = "5s"               # a new stream's hello (at most 4 KiB) must come this fast
+max_connections = 4096             # connections at most; more are refused before the handshake
+max_connections_per_identity = 64  # per certificate identity; more are closed (limit_exceeded)
 
 [retention]
 max_age = "7d"                     # records older than this (ingest time) are deleted

@@ -261,9 +261,10 @@ async fn malformed_frames_close_that_connection_and_others_keep_being_served() {
     let reason = bad.closed().await;
     match reason {
         quinn::ConnectionError::ApplicationClosed(c) => {
+            // Refused at its length prefix, with the code that says why.
             assert_eq!(
                 c.error_code,
-                quinn::VarInt::from_u32(u32::from(ErrorCode::MALFORMED_FRAME.0))
+                quinn::VarInt::from_u32(u32::from(ErrorCode::FRAME_TOO_LARGE.0))
             )
         }
         other => panic!("expected an application close, got {other:?}"),

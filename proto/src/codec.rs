@@ -125,6 +125,12 @@ impl FrameDecoder {
         self.max_frame
     }
 
+    /// Changes the maximum for frames whose length prefix has not arrived yet (a stream's
+    /// first frame is read with a small limit; the role's limit applies after it).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
     /// Bytes held for a frame not yet complete.
     pub fn buffered(&self) -> usize {
         self.header_len + self.body.len()

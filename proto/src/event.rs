@@ -47,7 +47,11 @@ impl Event {
 /// Headers that travel with an event end to end.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Headers {
-    /// MQTT 5 user properties, in the order the device sent them.
+    /// MQTT 5 user properties, in the order the device sent them (at most
+    /// [`crate::bounded::MAX_USER_PROPERTIES`]).
+    #[serde(
+        deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_USER_PROPERTIES }>"
+    )]
     pub user_properties: Vec<(String, String)>,
     /// MQTT 5 content type.
     pub content_type: Option<String>,

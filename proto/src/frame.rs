@@ -135,6 +135,10 @@ error_codes! {
     INVALID_GAP = 25, "invalid_gap";
     /// An event's seq is 0 or beyond the largest seq.
     INVALID_SEQ = 26, "invalid_seq";
+    /// A limit was reached (connections, streams, filters); the reason names it.
+    LIMIT_EXCEEDED = 27, "limit_exceeded";
+    /// The peer did not send its hello in time.
+    HELLO_TIMEOUT = 28, "hello_timeout";
     /// The node's storage is full; the batch was not stored.
     STORAGE_FULL = 30, "storage_full";
     /// The node's storage failed (for example EIO); the batch was not stored.
@@ -209,6 +213,7 @@ pub enum Frame {
         /// The largest event (topic + payload) the client will send; 0 for consumers.
         max_event_bytes: u32,
         /// Compressions the client can send, in order of preference.
+        #[serde(deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_OFFERS }>")]
         compression: Vec<Compression>,
     },
     /// The node accepts the connection.
@@ -242,8 +247,14 @@ pub enum Frame {
         /// The epoch of every event in the batch.
         epoch: u64,
         /// The events, in seq order.
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_BATCH_EVENTS }>"
+        )]
         events: Vec<Event>,
         /// Gap records of this epoch, ordered by [`Gap::position`].
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_FRAME_GAPS }>"
+        )]
         gaps: Vec<Gap>,
     },
     /// The batch is durable in the node's log (stored by it or by an earlier batch).
@@ -251,6 +262,9 @@ pub enum Frame {
         /// The batch acknowledged.
         id: u64,
         /// Events of the batch refused on their own, and recorded as rejected.
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_BATCH_EVENTS }>"
+        )]
         rejected: Vec<Rejection>,
     },
     /// The node could not store the batch; nothing of it is acknowledged.
@@ -265,6 +279,7 @@ pub enum Frame {
     /// Starts a subscription.
     Subscribe {
         /// MQTT topic filters; an event matching any of them is delivered.
+        #[serde(deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_FILTERS }>")]
         filters: Vec<String>,
         /// Where to start; ignored once the durable consumer exists.
         start: Start,
@@ -286,8 +301,14 @@ pub enum Frame {
     /// Events for a subscription, in node seq order.
     Deliver {
         /// The events.
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_BATCH_EVENTS }>"
+        )]
         events: Vec<Delivered>,
         /// Gap records, when the subscription asked for them.
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_FRAME_GAPS }>"
+        )]
         gaps: Vec<DeliveredGap>,
     },
     /// More credit for a subscription, in events.
@@ -343,8 +364,14 @@ pub enum Frame {
         /// The node's last committed node seq.
         head: u64,
         /// The records selected (events matching the filters, and gap records).
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_ROUND_RECORDS }>"
+        )]
         records: Vec<Replicated>,
         /// Seqs held and not selected by the filters, as ranges.
+        #[serde(
+            deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_ROUND_RECORDS }>"
+        )]
         not_selected: Vec<NotSelected>,
     },
     /// Another frame, compressed: sent only where the handshake chose a compression (an

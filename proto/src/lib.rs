@@ -9,6 +9,7 @@
 //! Map of the crate:
 //! - [`event`]: [`EventId`], [`Event`], [`Headers`], gap records.
 //! - [`frame`]: the frames of the QUIC protocol (`telemesh/1`) and their stable error codes.
+//! - [`bounded`]: collections decoded with a bound on their length.
 //! - [`codec`]: length-prefixed postcard framing and the streaming, size-bounded decoder.
 //! - [`topic`]: MQTT topic-name validation and topic-filter matching.
 //! - [`ranges`]: compact sets of seq ranges.
@@ -16,6 +17,7 @@
 //! - [`forwarder`]: the edge side of the uplink protocol.
 //! - [`replication`]: both ends of replication between nodes.
 
+pub mod bounded;
 pub mod codec;
 pub mod event;
 pub mod forwarder;

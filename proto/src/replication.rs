@@ -62,6 +62,7 @@ pub struct Replicated {
     pub epoch: u64,
     /// The nodes (id and log incarnation) that stored it before the upstream, oldest first
     /// (empty: it came from an uplink of the upstream).
+    #[serde(deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_PATH }>")]
     pub path: Vec<Hop>,
     /// The event or gap record.
     pub item: ReplicatedItem,

@@ -100,8 +100,10 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s is a valid timeout"),
     ));
-    t.max_concurrent_bidi_streams(16u32.into());
-    t.max_concurrent_uni_streams(16u32.into());
+    // Every telemesh stream is bidirectional: a consumer runs a few subscriptions on one
+    // connection, an uplink one stream; nobody may open unidirectional streams.
+    t.max_concurrent_bidi_streams(8u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((32u32 * 1024 * 1024).into());
     t.send_window(32 * 1024 * 1024);
@@ -125,6 +127,8 @@ pub fn server_config(
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
+    // Handshakes waiting to be accepted, at most (quinn's default is 65,536).
+    config.max_incoming(1_024);
     Ok(config)
 }
 

@@ -32,6 +32,18 @@ pub enum WireError {
     Compressed(String),
 }
 
+impl WireError {
+    /// The stable code a peer is told when this error closes its connection.
+    pub fn code(&self) -> telemesh_proto::ErrorCode {
+        match self {
+            WireError::Decode(DecodeError::TooLarge { .. }) => {
+                telemesh_proto::ErrorCode::FRAME_TOO_LARGE
+            }
+            _ => telemesh_proto::ErrorCode::MALFORMED_FRAME,
+        }
+    }
+}
+
 /// Reads frames from a receive stream.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -52,6 +64,12 @@ impl FrameReader {
             max_frame,
             compressed: false,
         }
+    }
+
+    /// The limit for the frames after the current one (see [`FrameDecoder::set_max_frame`]).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.dec.set_max_frame(max_frame);
+        self.max_frame = max_frame;
     }
 
     /// From now on, unwrap [`Frame::Compressed`] frames (the handshake chose zstd).

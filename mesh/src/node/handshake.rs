@@ -12,6 +12,7 @@ use tracing::{debug, warn, Instrument};
 use super::ingest::uplink;
 use super::subscribe::consumer;
 use super::Ctx;
+use crate::config::{HELLO_MAX_FRAME, SUBSCRIBER_MAX_FRAME};
 use telemesh_quic::tls::{self};
 use telemesh_quic::wire::{write_frame, FrameReader};
 
@@ -64,6 +65,23 @@ pub(super) async fn connection(conn: quinn::Connection, ctx: Arc<Ctx>) {
         );
         return;
     };
+    let over = {
+        let mut per = ctx.per_identity.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per.entry(identity.clone()).or_default();
+        *n += 1;
+        *n > ctx.cfg.node.max_connections_per_identity
+    };
+    let _held = IdentitySlot(ctx.clone(), identity.clone());
+    if over {
+        ctx.metrics.refused.fetch_add(1, Relaxed);
+        ctx.metrics.count_error(ErrorCode::LIMIT_EXCEEDED, 1);
+        let why = format!(
+            "{identity} has {} connections already (node.max_connections_per_identity)",
+            ctx.cfg.node.max_connections_per_identity
+        );
+        close(&conn, ErrorCode::LIMIT_EXCEEDED, &why);
+        return;
+    }
     let span = tracing::info_span!("peer", %identity);
     // Every stream of the connection opens with its own hello (a consumer may run several
     // subscriptions on one connection).
@@ -87,13 +105,19 @@ async fn stream(
     ctx: Arc<Ctx>,
 ) {
     {
-        let max_frame = ctx.cfg.node.max_frame_bytes.as_u64() as u32;
-        let mut reader = FrameReader::new(recv, max_frame);
-        let hello = match reader.next().await {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
-            Err(e) => {
-                protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+        // Nothing big before the hello: it is read with a small limit and a deadline; only
+        // after the access check does the stream get its role's limit.
+        let mut reader = FrameReader::new(recv, HELLO_MAX_FRAME);
+        let hello = match tokio::time::timeout(ctx.cfg.node.hello_timeout, reader.next()).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                protocol_error(&ctx, &conn, e.code(), &e.to_string());
+                return;
+            }
+            Err(_) => {
+                let why = format!("no hello within {:?}", ctx.cfg.node.hello_timeout);
+                protocol_error(&ctx, &conn, ErrorCode::HELLO_TIMEOUT, &why);
                 return;
             }
         };
@@ -140,6 +164,11 @@ async fn stream(
             return reject(&mut send, &conn, &ctx, code, why).await;
         };
         let node_max = ctx.cfg.node.max_event_bytes.as_u64() as u32;
+        let max_frame = match role {
+            Role::Uplink => ctx.cfg.node.max_frame_bytes.as_u64() as u32,
+            Role::Consumer | Role::Peer => SUBSCRIBER_MAX_FRAME,
+        };
+        reader.set_max_frame(max_frame);
         if role == Role::Uplink && max_event_bytes > node_max {
             let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
             return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
@@ -172,6 +201,25 @@ async fn stream(
             consumer(conn, identity, role, zstd, access, reader, send, ctx).await;
         } else {
             uplink(conn, identity, access, reader, send, ctx).await;
+        }
+    }
+}
+
+/// One of an identity's live connections, given back when the connection ends.
+struct IdentitySlot(Arc<Ctx>, String);
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut per = self
+            .0
+            .per_identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.1);
+            }
         }
     }
 }

@@ -40,7 +40,7 @@ pub(super) async fn uplink(
             Ok(None) => break,
             Err(WireError::Read(_)) => break,
             Err(e) => {
-                protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                protocol_error(&ctx, &conn, e.code(), &e.to_string());
                 break;
             }
         };

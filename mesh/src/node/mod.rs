@@ -109,6 +109,10 @@ struct Ctx {
     active_durables: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     /// Replication upstreams.
     upstreams: Vec<Arc<UpstreamState>>,
+    /// Connections accepted and not yet ended, all identities together.
+    live: std::sync::atomic::AtomicUsize,
+    /// Live connections per identity.
+    per_identity: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// A running node.
@@ -191,6 +195,8 @@ impl Node {
             metrics: metrics.clone(),
             active_durables: Default::default(),
             upstreams: upstreams.clone(),
+            live: Default::default(),
+            per_identity: Default::default(),
         });
         // Retention in the background: chunks of at most 10,000 records per transaction.
         let retention = cfg.retention.clone();
@@ -245,17 +251,32 @@ impl Node {
         let task = tokio::spawn(
             async move {
                 while let Some(incoming) = ep.accept().await {
+                    // Address validation: a new address is sent a Retry first, so a
+                    // spoofed source costs one packet, never a TLS handshake.
+                    if !incoming.remote_address_validated() {
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    // The connection cap applies before the handshake.
+                    if ctx.live.load(Relaxed) >= ctx.cfg.node.max_connections {
+                        ctx.metrics.refused.fetch_add(1, Relaxed);
+                        ctx.metrics.count_error(ErrorCode::LIMIT_EXCEEDED, 1);
+                        incoming.refuse();
+                        continue;
+                    }
+                    ctx.live.fetch_add(1, Relaxed);
                     let ctx = ctx.clone();
                     let remote = incoming.remote_address();
                     tokio::spawn(
                         async move {
                             match incoming.await {
-                                Ok(conn) => connection(conn, ctx).await,
+                                Ok(conn) => connection(conn, ctx.clone()).await,
                                 Err(e) => {
                                     ctx.metrics.refused.fetch_add(1, Relaxed);
-                                    warn!(error = %e, "handshake failed");
+                                    debug!(error = %e, "handshake failed");
                                 }
                             }
+                            ctx.live.fetch_sub(1, Relaxed);
                         }
                         .instrument(tracing::info_span!("conn", %remote)),
                     );

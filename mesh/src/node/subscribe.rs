@@ -106,12 +106,18 @@ pub(super) async fn consumer(
         incarnation: peer_incarnation,
     })) = first
     else {
-        protocol_error(
-            &ctx,
-            &conn,
-            ErrorCode::UNEXPECTED_FRAME,
-            "a consumer starts with subscribe",
-        );
+        match first {
+            Err(e) if !matches!(e, WireError::Read(_)) => {
+                protocol_error(&ctx, &conn, e.code(), &e.to_string())
+            }
+            Err(_) | Ok(None) => {}
+            Ok(Some(_)) => protocol_error(
+                &ctx,
+                &conn,
+                ErrorCode::UNEXPECTED_FRAME,
+                "a consumer starts with subscribe",
+            ),
+        }
         return;
     };
     if filters.is_empty() {
@@ -378,7 +384,7 @@ pub(super) async fn consumer(
                 Ok(None) => break,
                 Err(e) => {
                     if !matches!(e, WireError::Read(_)) {
-                        protocol_error(&ctx, &conn, ErrorCode::MALFORMED_FRAME, &e.to_string());
+                        protocol_error(&ctx, &conn, e.code(), &e.to_string());
                     }
                     break;
                 }
