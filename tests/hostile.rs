@@ -303,11 +303,17 @@ async fn a_huge_first_frame_is_refused_at_its_length_before_any_access_check() {
         // "stranger" has a certificate from the mesh CA and no [[access]] entry.
         let conn = node.dial("stranger").await;
         let mut streams = Vec::new();
+        // As many streams as the node lets it open before it closes the connection.
         for _ in 0..8 {
-            let (mut send, _recv) = conn.open_bi().await.unwrap();
-            send.write_all(&(16u32 << 20).to_le_bytes()).await.unwrap();
-            send.write_all(&[0u8; 64 * 1024]).await.unwrap();
+            let Ok((mut send, _recv)) = conn.open_bi().await else {
+                break;
+            };
+            let announced = send.write_all(&(16u32 << 20).to_le_bytes()).await;
+            let trickled = send.write_all(&[0u8; 64 * 1024]).await;
             streams.push(send);
+            if announced.is_err() || trickled.is_err() {
+                break;
+            }
         }
         assert_eq!(closed_with(&conn).await, ErrorCode::FRAME_TOO_LARGE);
     }
@@ -417,4 +423,119 @@ async fn stream_limits_and_collection_bounds_hold() {
     write_frame(&mut send, &subscribe).await.unwrap();
     assert_eq!(closed_with(&conn).await, ErrorCode::MALFORMED_FRAME);
     node.still_serves_good_clients(100, 100).await;
+}
+
+/// An edge agent (a real `telemesh edge`) with a durable port and an uplink to `node`.
+fn start_edge(node: &Node) -> (Process, SocketAddr) {
+    let c = node.certs();
+    let durable: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let path = node.dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nid = \"gw-2\"\ndata_dir = \"{d}\"\n\
+             [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\
+             [durable]\nlisten = \"{durable}\"\n\
+             [buffer]\nmax_bytes = \"64MiB\"\nmap_size = \"128MiB\"\nsync = \"none\"\n\
+             [uplink]\nnodes = [\"{node}\"]\nserver_name = \"node-a\"\nca = \"{c}/ca.pem\"\n\
+             cert = \"{c}/gw-2.pem\"\nkey = \"{c}/gw-2.key\"\nbackoff_max = \"200ms\"\n",
+            d = node.dir.path().join("edge").display(),
+            c = c.display(),
+            mqtt = free_port(),
+            node = node.addr,
+        ),
+    )
+    .unwrap();
+    let agent = spawn_agent(&path);
+    wait_listening(durable);
+    (agent, durable)
+}
+
+/// Publishes `count` MQTT 5 QoS 1 messages on `site/v5` with `props` user properties of
+/// `value_bytes` each; returns how many were acknowledged before the connection ended.
+async fn publish_v5(
+    addr: SocketAddr,
+    client: &str,
+    count: usize,
+    props: usize,
+    value_bytes: usize,
+) -> usize {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
+    let mut o = MqttOptions::new(client, addr.ip().to_string(), addr.port());
+    o.set_max_packet_size(Some(8 << 20));
+    let (c, mut ev) = AsyncClient::new(o, 10);
+    tokio::spawn(async move {
+        for n in 0..count {
+            let properties = PublishProperties {
+                user_properties: (0..props)
+                    .map(|i| (format!("k{i}"), "v".repeat(value_bytes)))
+                    .collect(),
+                ..Default::default()
+            };
+            let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+            if c.publish_with_properties("site/v5", qos, false, n.to_string(), properties)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut acked = 0;
+    while acked < count {
+        match tokio::time::timeout(Duration::from_secs(20), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Incoming::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    acked
+}
+
+/// The review's H1: events whose MQTT 5 user properties dwarf their payload. Headers count
+/// in every size limit now: 70 events of ~250 KiB of properties each are stored and
+/// forwarded in batches the node accepts (before, they made one frame over 16 MiB that the
+/// node refused, and the uplink resent it forever). An event the mesh could never take —
+/// more than 1,024 properties, or larger than the agent's maximum event — is refused at
+/// the durable port without a PUBACK; everything acknowledged reaches the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_heavy_events_never_stall_the_uplink() {
+    let node = Node::start();
+    let (_agent, durable) = start_edge(&node);
+    assert_eq!(publish_v5(durable, "heavy", 70, 50, 5_000).await, 70);
+    assert_eq!(
+        publish_v5(durable, "many", 1, 1_100, 1).await,
+        0,
+        "1,100 properties refused"
+    );
+    assert_eq!(
+        publish_v5(durable, "huge", 1, 100, 4_000).await,
+        0,
+        "over max_event refused"
+    );
+    assert_eq!(publish_v5(durable, "after", 30, 1, 10).await, 30);
+    // Every acknowledged event reaches a consumer: the uplink never stalled.
+    let toml = node.client_toml.clone();
+    let (ok, lines, err) = tokio::task::spawn_blocking(move || {
+        sub(
+            &toml,
+            &[
+                "--filter",
+                "site/#",
+                "--from",
+                "earliest",
+                "--json",
+                "--count",
+                "100",
+                "--timeout",
+                "60s",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(lines.len(), 100);
+    node.still_serves_good_clients(100, 200).await;
 }

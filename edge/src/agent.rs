@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use rumqttd::local::{LinkError, LinkRx};
 use rumqttd::{Broker, Notification};
 use telemesh_proto::topic::validate_topic_name;
-use telemesh_proto::{GapReason, Headers};
+use telemesh_proto::{check_event_size, GapReason, Headers};
 use tracing::{error, info, warn};
 
 use crate::buffer::{now_us, Buffer, BufferError, Handle, Incoming, Reader};
@@ -167,6 +167,8 @@ fn start_broker_and_tap(
     let tap = Tap {
         handle: buffer.handle(),
         next_offset: 0,
+        max_event: cfg.max_event_bytes(),
+        too_large: 0,
     };
     std::thread::Builder::new()
         .name("mqtt-tap".into())
@@ -194,6 +196,7 @@ fn io_runtime(cfg: &EdgeConfig) -> Result<Option<tokio::runtime::Runtime>, Agent
 
 /// Starts the durable-ack MQTT port.
 fn start_durable(
+    cfg: &EdgeConfig,
     d: &crate::config::DurableSection,
     rt: &tokio::runtime::Runtime,
     buffer: &Buffer,
@@ -212,6 +215,7 @@ fn start_durable(
         max_inflight: d.max_inflight,
         max_packet: d.max_packet.as_u64() as usize,
         connect_timeout: d.connect_timeout,
+        max_event: cfg.max_event_bytes(),
     };
     rt.block_on(DurableServer::start(
         opts,
@@ -259,7 +263,7 @@ fn uplink_options(
             window: u.window,
             linger: u.linger,
         },
-        max_event_bytes: (cfg.mqtt.max_payload.as_u64() + 65_535) as u32,
+        max_event_bytes: cfg.max_event_bytes() as u32,
         backoff_max: u.backoff_max,
         connect_timeout: u.connect_timeout,
         failback_interval: u.failback_interval,
@@ -346,7 +350,7 @@ impl Agent {
         let (mut durable, mut uplink, mut metrics_http) = (None, None, None);
         if let Some(rt) = &runtime {
             if let Some(d) = &cfg.durable {
-                durable = Some(start_durable(d, rt, &buffer)?);
+                durable = Some(start_durable(cfg, d, rt, &buffer)?);
             }
             if let Some(u) = &cfg.uplink {
                 uplink = Some(start_uplink(cfg, u, rt, &buffer, &uplink_metrics)?);
@@ -438,6 +442,11 @@ struct Tap {
     handle: Handle,
     /// The offset in the broker's `#` log that the next forwarded message should have.
     next_offset: u64,
+    /// The largest event the mesh takes from this agent ([`EdgeConfig::max_event_bytes`]).
+    max_event: usize,
+    /// Events refused for their size or header count (logged at the first and every
+    /// 1,000th).
+    too_large: u64,
 }
 
 impl Tap {
@@ -511,6 +520,18 @@ impl Tap {
             };
             (!h.is_empty()).then(|| Box::new(h))
         });
+        // An event the mesh would refuse for its size is refused here, when it arrives, so
+        // that no stored event can stall the uplink.
+        if let Err(why) =
+            check_event_size(&topic, &publish.payload, headers.as_deref(), self.max_event)
+        {
+            if self.too_large % 1_000 == 0 {
+                warn!(topic, reason = %why, refused = self.too_large + 1, "publish refused: it could never be forwarded");
+            }
+            self.too_large += 1;
+            self.handle.reject_invalid();
+            return Ok(());
+        }
         self.handle.append(Incoming {
             topic,
             payload: publish.payload.to_vec(),

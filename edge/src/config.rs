@@ -421,6 +421,14 @@ impl EdgeConfig {
         Ok(())
     }
 
+    /// The largest event the agent takes in and sends, as [`telemesh_proto::Event::size`]
+    /// counts it (topic, payload and headers): `mqtt.max_payload` plus 64 KiB for the topic
+    /// and headers. The uplink announces it in its hello (a node with a smaller maximum
+    /// refuses the uplink at the handshake); both MQTT ports refuse larger events.
+    pub fn max_event_bytes(&self) -> usize {
+        self.mqtt.max_payload.as_u64() as usize + 65_535
+    }
+
     /// The buffer options this config asks for.
     pub fn buffer_options(&self) -> BufferOptions {
         let b = &self.buffer;

@@ -38,10 +38,36 @@ pub struct Event {
 }
 
 impl Event {
-    /// The bytes this event counts for in size limits: its topic and payload.
+    /// The bytes this event counts for in size limits: its topic, payload and headers.
     pub fn size(&self) -> usize {
-        self.topic.len() + self.payload.len()
+        self.topic.len() + self.payload.len() + self.headers.as_ref().map_or(0, |h| h.size())
     }
+}
+
+/// Whether an event of this topic, payload and headers can travel through a mesh whose
+/// events may be at most `max_event` bytes (as [`Event::size`] counts them) and carry at
+/// most [`crate::bounded::MAX_USER_PROPERTIES`] user properties. The edge checks every event
+/// when it arrives, so that none it stores is refused downstream for its size.
+pub fn check_event_size(
+    topic: &str,
+    payload: &[u8],
+    headers: Option<&Headers>,
+    max_event: usize,
+) -> Result<(), String> {
+    let properties = headers.map_or(0, |h| h.user_properties.len());
+    if properties > crate::bounded::MAX_USER_PROPERTIES {
+        return Err(format!(
+            "{properties} user properties, more than {}",
+            crate::bounded::MAX_USER_PROPERTIES
+        ));
+    }
+    let size = topic.len() + payload.len() + headers.map_or(0, Headers::size);
+    if size > max_event {
+        return Err(format!(
+            "event of {size} bytes (topic, payload and headers) exceeds {max_event}"
+        ));
+    }
+    Ok(())
 }
 
 /// Headers that travel with an event end to end.
@@ -60,6 +86,17 @@ pub struct Headers {
 }
 
 impl Headers {
+    /// The bytes the headers count for in size limits: each user property's key and value,
+    /// the content type and the traceparent.
+    pub fn size(&self) -> usize {
+        self.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + self.content_type.as_ref().map_or(0, String::len)
+            + self.traceparent.as_ref().map_or(0, String::len)
+    }
+
     /// True when there is nothing to carry.
     pub fn is_empty(&self) -> bool {
         self.user_properties.is_empty() && self.content_type.is_none() && self.traceparent.is_none()

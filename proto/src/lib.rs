@@ -28,7 +28,7 @@ pub mod replication;
 pub mod topic;
 
 pub use codec::{encode_frame, DecodeError, FrameDecoder};
-pub use event::{Event, EventId, Gap, GapKind, GapReason, Headers, MAX_SEQ};
+pub use event::{check_event_size, Event, EventId, Gap, GapKind, GapReason, Headers, MAX_SEQ};
 pub use frame::{ErrorCode, Frame, Role, Start, PROTOCOL_VERSION};
 pub use name::{validate_name, MAX_NAME_BYTES};
 pub use ranges::RangeSet;

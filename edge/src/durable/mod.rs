@@ -31,6 +31,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::buffer::{now_us, AppendError, AppendResult, Durable, Handle, Incoming, Reader};
 use crate::metrics::EdgeMetrics;
 use codec::{CloseReason, CodecError, ConnCode, In, Out, Version};
+use telemesh_proto::check_event_size;
 use telemesh_proto::topic::validate_topic_name;
 
 /// The longest client id the durable port accepts, in bytes.
@@ -53,6 +54,9 @@ pub struct DurableOptions {
     pub max_packet: usize,
     /// Time allowed for the TLS handshake and CONNECT.
     pub connect_timeout: Duration,
+    /// The largest event (topic, payload and headers) the mesh takes from this agent: a
+    /// larger PUBLISH is refused without an acknowledgement (DISCONNECT 0x95 on MQTT 5).
+    pub max_event: usize,
 }
 
 impl std::fmt::Debug for DurableOptions {
@@ -390,6 +394,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
                         m.rejected_invalid.fetch_add(1, Relaxed);
                         warn!(client_id, topic, error = %e, "invalid topic: closing connection");
                         close = Some(CloseReason::TopicInvalid);
+                        break 'conn;
+                    }
+                    if let Err(why) =
+                        check_event_size(&topic, &payload, headers.as_deref(), ctx.opts.max_event)
+                    {
+                        m.rejected_invalid.fetch_add(1, Relaxed);
+                        warn!(client_id, topic, reason = %why, "publish too large to forward: closing connection");
+                        close = Some(CloseReason::TooLarge);
                         break 'conn;
                     }
                     let event = Incoming {
