@@ -104,6 +104,9 @@ pub use telemesh_proto::{
 use telemesh_quic::tls::{self, Identity};
 use telemesh_quic::wire::{write_frame, FrameReader, WireError};
 
+/// The largest frame the client accepts from a node (the node sizes its deliveries to it).
+pub const MAX_FRAME: u32 = 64 << 20;
+
 /// `client.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -301,12 +304,13 @@ impl Client {
                 version: PROTOCOL_VERSION,
                 role: Role::Consumer,
                 id: self.identity.clone(),
-                max_event_bytes: 0,
+                // A subscriber names the largest frame it accepts.
+                max_event_bytes: MAX_FRAME,
                 compression: vec![Compression::None],
             },
         )
         .await?;
-        let mut reader = FrameReader::new(recv, 64 << 20);
+        let mut reader = FrameReader::new(recv, MAX_FRAME);
         match reader.next().await? {
             Some(Frame::Welcome { node_id, .. }) => Ok((send, reader, node_id)),
             Some(Frame::Reject { code, reason }) => Err(ClientError::Refused { code, reason }),

@@ -312,12 +312,13 @@ async fn connect(
         .map_err(|e| connect_err(e.to_string()))
 }
 
-/// The uplink's stream after a welcome: where batches go, where acks come from, and whether
-/// the node agreed to zstd.
+/// The uplink's stream after a welcome: where batches go, where acks come from, whether
+/// the node agreed to zstd, and the largest frame it takes.
 struct Welcomed {
     send: quinn::SendStream,
     reader: FrameReader,
     zstd: bool,
+    max_frame: u32,
 }
 
 /// Opens the uplink stream and says hello; a reject ends the session with its code.
@@ -351,13 +352,15 @@ async fn handshake(
             node_id,
             incarnation,
             compression,
+            max_frame_bytes,
             ..
         }) => {
-            info!(%node_id, incarnation, ?compression, "uplink connected");
+            info!(%node_id, incarnation, ?compression, max_frame_bytes, "uplink connected");
             Ok(Welcomed {
                 send,
                 reader,
                 zstd: compression == Compression::Zstd,
+                max_frame: max_frame_bytes,
             })
         }
         Some(Frame::Reject { code, reason }) => Err(SessionError::Rejected {
@@ -457,6 +460,8 @@ async fn session<S: Source>(
         .max_bandwidth
         .map(|rate| Pace::new(rate, std::time::Instant::now()));
     metrics.connected.store(true, Relaxed);
+    // Batches stay within the frame limit this node announced.
+    fwd.limit_frame(up.max_frame as usize);
     fwd.on_connected();
     let mut changes = source.changes();
     let mut probe: Option<tokio::task::JoinHandle<bool>> = None;

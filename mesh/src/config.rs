@@ -174,6 +174,12 @@ pub struct NodeSection {
     pub max_connections_per_identity: usize,
 }
 
+/// Room for an event's framing in a frame (ids, lengths, the frame's other fields).
+pub const FRAME_HEADROOM: u32 = 64 * 1024;
+/// The largest frame a consumer or peer accepts when its hello names none (0): what the
+/// client library and nodes of earlier releases accept.
+pub const LEGACY_SUBSCRIBER_FRAME: u32 = 64 * 1024 * 1024;
+
 /// The largest first frame of a stream (a hello), in bytes.
 pub const HELLO_MAX_FRAME: u32 = 4 * 1024;
 /// The largest frame a consumer or a peer may send (subscribe, credit, acks), in bytes.
@@ -271,12 +277,16 @@ impl NodeConfig {
         if n.map_size.as_u64() < 1 << 20 {
             return Err(invalid("node.map_size", "must be at least 1MiB"));
         }
+        // One event with its framing must fit in one frame, the node's and every consumer's
+        // (earlier client releases accept frames up to 64 MiB).
+        let fits = |limit: u64| n.max_event_bytes.as_u64() + u64::from(FRAME_HEADROOM) <= limit;
         if n.max_event_bytes.as_u64() == 0
-            || n.max_event_bytes.as_u64() >= n.max_frame_bytes.as_u64()
+            || !fits(n.max_frame_bytes.as_u64())
+            || !fits(u64::from(LEGACY_SUBSCRIBER_FRAME))
         {
             return Err(invalid(
                 "node.max_event_bytes",
-                "must be above 0 and below node.max_frame_bytes",
+                "must be above 0, and with 64KiB of framing fit in node.max_frame_bytes and in 64MiB",
             ));
         }
         if n.max_frame_bytes.as_u64() > u64::from(u32::MAX) {

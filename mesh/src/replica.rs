@@ -289,6 +289,13 @@ async fn session(
             *compression = vec![Compression::Zstd, Compression::None];
         }
     }
+    // The largest frame this replica accepts: the upstream sizes its rounds to it.
+    if let Frame::Hello {
+        max_event_bytes, ..
+    } = &mut hello
+    {
+        *max_event_bytes = shared.max_frame_bytes;
+    }
     write_frame(&mut send, &hello)
         .await
         .map_err(|e| e.to_string())?;

@@ -116,13 +116,14 @@ pub struct Forwarder {
     trim: Trim,
     /// Since when a batch that is not full has been waiting (linger).
     partial_since: Option<Instant>,
+    /// The bytes a batch holds at most on this connection ([`Forwarder::limit_frame`]).
+    batch_bytes: usize,
 }
 
 impl Forwarder {
     /// A forwarder for `origin`, resuming after `acked` (the buffer's acked-through).
     pub fn new(origin: impl Into<String>, cfg: ForwarderConfig, acked: Option<(u64, u64)>) -> Self {
         Forwarder {
-            cfg,
             origin: origin.into(),
             connected: false,
             next_id: 1,
@@ -132,7 +133,15 @@ impl Forwarder {
             gaps_in_flight: BTreeSet::new(),
             trim: Trim::default(),
             partial_since: None,
+            batch_bytes: cfg.batch_max_bytes,
+            cfg,
         }
+    }
+
+    /// The node of this connection takes frames of at most `max_frame` bytes: batches stay
+    /// within half of it (and within `batch_max_bytes`), leaving room for their framing.
+    pub fn limit_frame(&mut self, max_frame: usize) {
+        self.batch_bytes = self.cfg.batch_max_bytes.min(max_frame / 2).max(1);
     }
 
     /// A connection is up (after the handshake).
@@ -193,7 +202,7 @@ impl Forwarder {
             let same_epoch = events.iter().all(|(e, _)| *e == events[0].0);
             let bytes: usize = events.iter().map(|(_, ev)| ev.size()).sum();
             let fills = events.len() >= self.cfg.batch_max_events
-                || bytes >= self.cfg.batch_max_bytes
+                || bytes >= self.batch_bytes
                 || !same_epoch;
             if !fills {
                 let since = *self.partial_since.get_or_insert(now);
@@ -232,7 +241,7 @@ impl Forwarder {
             while let Some((e, ev)) = iter.peek() {
                 if *e != epoch
                     || batch.len() >= self.cfg.batch_max_events
-                    || (!batch.is_empty() && bytes + ev.size() > self.cfg.batch_max_bytes)
+                    || (!batch.is_empty() && bytes + ev.size() > self.batch_bytes)
                 {
                     break;
                 }

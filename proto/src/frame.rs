@@ -210,7 +210,9 @@ pub enum Frame {
         role: Role,
         /// The client's id; must equal its certificate's identity.
         id: String,
-        /// The largest event (topic + payload) the client will send; 0 for consumers.
+        /// An uplink: the largest event (topic, payload and headers) it will send. A consumer
+        /// or a peer: the largest frame it accepts (0: 64 MiB, what earlier releases accept);
+        /// the node sizes every frame to it.
         max_event_bytes: u32,
         /// Compressions the client can send, in order of preference.
         #[serde(deserialize_with = "crate::bounded::vec::<_, _, { crate::bounded::MAX_OFFERS }>")]

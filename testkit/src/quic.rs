@@ -34,11 +34,23 @@ pub async fn dial(
         .map_err(|e| e.to_string())
 }
 
-/// Opens a stream and says hello as `id` in `role`; returns the stream and the node's answer.
+/// Opens a stream and says hello as `id` in `role` (an uplink's events up to 64 KiB; a
+/// subscriber's frames as earlier releases take them); returns the stream and the answer.
 pub async fn hello(
     conn: &quinn::Connection,
     id: &str,
     role: Role,
+) -> (quinn::SendStream, FrameReader, Frame) {
+    let max = if role == Role::Uplink { 65_536 } else { 0 };
+    hello_with(conn, id, role, max).await
+}
+
+/// [`hello`] with the hello's `max_event_bytes` as given.
+pub async fn hello_with(
+    conn: &quinn::Connection,
+    id: &str,
+    role: Role,
+    max_event_bytes: u32,
 ) -> (quinn::SendStream, FrameReader, Frame) {
     let (mut send, recv) = conn.open_bi().await.unwrap();
     write_frame(
@@ -47,7 +59,7 @@ pub async fn hello(
             version: PROTOCOL_VERSION,
             role,
             id: id.into(),
-            max_event_bytes: 65_536,
+            max_event_bytes,
             compression: vec![],
         },
     )

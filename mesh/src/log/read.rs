@@ -15,20 +15,34 @@ use telemesh_proto::RangeSet;
 impl NodeLog {
     /// Up to `max` records from node seq `from` (inclusive), in order.
     pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Record)>, LogError> {
+        self.read_within(from, max, usize::MAX)
+    }
+
+    /// [`NodeLog::read`], stopping once the records read hold `max_bytes` (as stored; the
+    /// first record is always read): what one subscription round holds in memory.
+    pub fn read_within(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
         let rtxn = self.shared.env.read_txn()?;
         let start = from.to_be_bytes();
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for item in self
             .shared
             .log
             .range(&rtxn, &(Bound::Included(&start[..]), Bound::Unbounded))?
         {
-            if out.len() >= max {
+            if out.len() >= max || (!out.is_empty() && bytes >= max_bytes) {
                 break;
             }
             let (k, v) = item?;
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(k);
+            let seq: [u8; 8] = k
+                .try_into()
+                .map_err(|_| LogError::Corrupt(format!("log key of {} bytes", k.len())))?;
+            bytes = bytes.saturating_add(v.len());
             let rec: Record =
                 postcard::from_bytes(v).map_err(|e| LogError::Corrupt(e.to_string()))?;
             out.push((u64::from_be_bytes(seq), rec));

@@ -11,8 +11,11 @@ use tracing::{debug, warn, Instrument};
 
 use super::ingest::uplink;
 use super::subscribe::consumer;
+use super::subscribe::Subscriber;
 use super::Ctx;
-use crate::config::{HELLO_MAX_FRAME, SUBSCRIBER_MAX_FRAME};
+use crate::config::{
+    FRAME_HEADROOM, HELLO_MAX_FRAME, LEGACY_SUBSCRIBER_FRAME, SUBSCRIBER_MAX_FRAME,
+};
 use telemesh_quic::tls::{self};
 use telemesh_quic::wire::{write_frame, FrameReader};
 
@@ -173,6 +176,18 @@ async fn stream(
             let why = format!("the edge's max payload {max_event_bytes} exceeds the node's maximum event size {node_max}");
             return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
         }
+        // A subscriber's hello names the largest frame it accepts (0: what earlier releases
+        // accept); every frame it is sent stays within it, and one event must fit.
+        let accepts = match max_event_bytes {
+            0 => LEGACY_SUBSCRIBER_FRAME,
+            n => n,
+        };
+        if role != Role::Uplink
+            && u64::from(accepts) < u64::from(node_max) + u64::from(FRAME_HEADROOM)
+        {
+            let why = format!("frames of at most {accepts} bytes cannot carry this node's events of up to {node_max} bytes");
+            return reject(&mut send, &conn, &ctx, ErrorCode::LIMITS_MISMATCH, why).await;
+        }
         // An uplink that offers zstd may send its batches compressed; a peer that offers it
         // gets its replication rounds compressed.
         let compression = if role != Role::Consumer && offered.contains(&Compression::Zstd) {
@@ -198,7 +213,14 @@ async fn stream(
         debug!(role = role.as_str(), "welcomed");
         if role == Role::Consumer || role == Role::Peer {
             let zstd = compression == Compression::Zstd;
-            consumer(conn, identity, role, zstd, access, reader, send, ctx).await;
+            let sub = Subscriber {
+                identity,
+                role,
+                zstd,
+                access,
+                accepts,
+            };
+            consumer(conn, sub, reader, send, ctx).await;
         } else {
             uplink(conn, identity, access, reader, send, ctx).await;
         }

@@ -16,6 +16,20 @@ use crate::config::Access;
 use crate::log::Record;
 use telemesh_quic::wire::{write_frame, FrameReader, WireError};
 
+/// Who a subscription serves, as its hello said.
+pub(super) struct Subscriber {
+    /// The certificate's identity.
+    pub(super) identity: String,
+    /// Consumer or peer.
+    pub(super) role: Role,
+    /// Whether replication rounds go compressed.
+    pub(super) zstd: bool,
+    /// Its access entry.
+    pub(super) access: Access,
+    /// The largest frame it accepts.
+    pub(super) accepts: u32,
+}
+
 /// Releases a durable consumer's name when its connection ends.
 struct DurableGuard<'a>(&'a Ctx, Option<Vec<u8>>);
 
@@ -78,17 +92,23 @@ fn replicated(node_seq: u64, rec: Record) -> Replicated {
 /// Serves one subscription: catch-up and live tail are one loop — read the committed log
 /// from the cursor, and when it is reached, wait for the committed mark to move. Credit
 /// bounds what is sent ahead of the consumer, so a slow consumer costs no memory.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn consumer(
     conn: quinn::Connection,
-    identity: String,
-    role: Role,
-    zstd: bool,
-    access: Access,
+    sub: Subscriber,
     mut reader: FrameReader,
     mut send: quinn::SendStream,
     ctx: Arc<Ctx>,
 ) {
+    let Subscriber {
+        identity,
+        role,
+        zstd,
+        access,
+        accepts,
+    } = sub;
+    // Frames to this subscriber stay within a quarter of what it accepts (and of this
+    // node's frame limit), leaving room for framing; one record always fits.
+    let budget = (accepts.min(ctx.cfg.node.max_frame_bytes.as_u64() as u32) / 4) as usize;
     use telemesh_proto::frame::{Delivered, DeliveredGap};
     use telemesh_proto::topic::{filter_within, validate_filter};
     use telemesh_proto::Start;
@@ -251,7 +271,7 @@ pub(super) async fn consumer(
             let want = credit.min(1_000) as usize;
             // Read about what the credit can take: records read past it would be decoded
             // only to be read again next round.
-            let records = match ctx.log.read(from, want.max(256)) {
+            let records = match ctx.log.read_within(from, want.max(256), budget) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "log read failed");
@@ -272,8 +292,6 @@ pub(super) async fn consumer(
                 }
             }
             let frame = if let Some(incarnation) = peer {
-                // A quarter of the frame limit leaves room for the framing of the records.
-                let budget = ctx.cfg.node.max_frame_bytes.as_u64() as usize / 4;
                 let mut round =
                     PeerRound::new(&filters, (&identity, incarnation), from, want, budget);
                 for (seq, rec) in records {
@@ -302,9 +320,24 @@ pub(super) async fn consumer(
                 let mut events = Vec::new();
                 let mut gap_items = Vec::new();
                 let mut through = from - 1;
+                let mut bytes = 0usize;
                 for (seq, rec) in records {
                     if seq > head || events.len() >= want {
                         break;
+                    }
+                    let selected = match &rec {
+                        Record::Event { event, .. } => {
+                            filters.iter().any(|f| matches(f, &event.topic))
+                        }
+                        Record::Gap { .. } => want_gaps,
+                    };
+                    if let (true, Record::Event { event, .. }) = (selected, &rec) {
+                        // Bounded in bytes too: the frame stays within the budget.
+                        let size = event.size() + 64;
+                        if !events.is_empty() && bytes + size > budget {
+                            break;
+                        }
+                        bytes += size;
                     }
                     through = seq;
                     match rec {
@@ -315,7 +348,7 @@ pub(super) async fn consumer(
                             event,
                             ..
                         } => {
-                            if filters.iter().any(|f| matches(f, &event.topic)) {
+                            if selected {
                                 events.push(Delivered {
                                     node_seq: seq,
                                     ingest_us,
@@ -328,7 +361,7 @@ pub(super) async fn consumer(
                         Record::Gap {
                             origin, epoch, gap, ..
                         } => {
-                            if want_gaps {
+                            if selected {
                                 gap_items.push(DeliveredGap {
                                     node_seq: seq,
                                     origin,
