@@ -603,3 +603,41 @@ async fn deliveries_of_large_events_fit_the_consumers_frame_limit() {
     assert!(rss < NODE_RSS_ANON_MIB, "{rss} MiB");
     node.still_serves_good_clients(100, 180).await;
 }
+
+/// The HTTP side (review M10): clients that connect and send nothing (slowloris) hold a
+/// slot for at most the header timeout (5 s); past 64 connections a new one is closed at
+/// once; scrapes work again as soon as slots free, and a flood of scrapes reads the
+/// completeness view once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_port_bounds_idle_clients_and_keeps_answering() {
+    use tokio::io::AsyncReadExt;
+    let node = Node::start();
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(node.http).await.unwrap());
+    }
+    // The 65th is closed as soon as it is accepted.
+    let mut over = tokio::net::TcpStream::connect(node.http).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), over.read(&mut b))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection over the cap is closed");
+    // The idle ones are closed after the header timeout.
+    let t = std::time::Instant::now();
+    for mut s in idle {
+        let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut b))
+            .await
+            .expect("an idle client is dropped")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Scrapes in a burst are all answered.
+    for _ in 0..50 {
+        let text = http_get(node.http, "/metrics").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    node.still_serves_good_clients(100, 100).await;
+}

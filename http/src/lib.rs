@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -132,8 +133,46 @@ pub async fn serve_http(
         );
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let task = tokio::spawn(accept_loop(listener, app));
     Ok((addr, task))
+}
+
+/// HTTP connections served at once, at most; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest a client may take to send its request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one connection may last (a scrape is one short request).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request head, in bytes (the routes take no body).
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
+/// Serves `app` on each connection `listener` accepts, within the limits above: a slow or
+/// idle client holds a slot for at most [`HEADER_TIMEOUT`], and never more than
+/// [`MAX_CONNECTIONS`] slots are held.
+async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of file descriptors or similar: try again shortly.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(slot);
+        });
+    }
 }

@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use telemesh_http::{counter, serve_http};
 
-use crate::log::NodeLog;
+use crate::log::{Completeness, NodeLog};
 use crate::node::NodeMetrics;
 use crate::replica::UpstreamState;
 
@@ -23,6 +23,26 @@ struct NodeCollector {
     log: Arc<NodeLog>,
     metrics: Arc<NodeMetrics>,
     upstreams: Vec<Arc<UpstreamState>>,
+    /// The completeness view of the last scrape, reused for [`COMPLETENESS_MAX_AGE`]: a
+    /// flood of scrapes costs one read of the range sets per interval, not one each.
+    cache: std::sync::Mutex<Option<(std::time::Instant, Arc<Completeness>)>>,
+}
+
+/// How long a scrape reuses the completeness view read by an earlier one.
+const COMPLETENESS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl NodeCollector {
+    fn completeness(&self) -> Option<Arc<Completeness>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, c)) = cache.as_ref() {
+            if at.elapsed() < COMPLETENESS_MAX_AGE {
+                return Some(c.clone());
+            }
+        }
+        let c = Arc::new(self.log.completeness().ok()?);
+        *cache = Some((std::time::Instant::now(), c.clone()));
+        Some(c)
+    }
 }
 
 fn count(ranges: &[(u64, u64)]) -> i64 {
@@ -220,7 +240,7 @@ impl Collector for NodeCollector {
             None,
             g.metric_type(),
         )?)?;
-        let Ok(c) = self.log.completeness() else {
+        let Some(c) = self.completeness() else {
             return Ok(());
         };
         for (name, help, pick) in [
@@ -278,6 +298,7 @@ pub async fn serve(
         log: log.clone(),
         metrics,
         upstreams,
+        cache: Default::default(),
     };
     serve_http(
         listen,
