@@ -418,6 +418,24 @@ async fn stream_limits_and_collection_bounds_hold() {
         "{answer:?}"
     );
     let conn = node.dial("analytics").await;
+    // Filters of 10 KB in all are refused with LIMIT_EXCEEDED; the connection stays.
+    let (mut send, mut reader, welcome) = hello(&conn, "analytics", Role::Consumer).await;
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    let long = Frame::Subscribe {
+        filters: (0..10)
+            .map(|i| format!("site/{i}/{}", "x".repeat(1_000)))
+            .collect(),
+        start: telemesh_proto::Start::Earliest,
+        durable: None,
+        credit: 10,
+        gaps: false,
+        incarnation: None,
+    };
+    write_frame(&mut send, &long).await.unwrap();
+    match reader.next().await.unwrap().unwrap() {
+        Frame::Error { code, .. } => assert_eq!(code, ErrorCode::LIMIT_EXCEEDED),
+        other => panic!("{other:?}"),
+    }
     let (mut send, _reader, welcome) = hello(&conn, "analytics", Role::Consumer).await;
     assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
     let subscribe = Frame::Subscribe {

@@ -155,6 +155,9 @@ pub struct NodeLog {
     failure: Arc<std::sync::Mutex<Option<String>>>,
     shared: Arc<Shared>,
     tx: flume::Sender<Cmd>,
+    /// Bytes of ingests and replica batches queued for the writer and not yet answered, at
+    /// most [`MAX_QUEUED_BYTES`]: a sender waits for room (and stops reading its peer).
+    queued: Arc<tokio::sync::Semaphore>,
     writer: Option<JoinHandle<()>>,
     committed: watch::Receiver<u64>,
     node_id: String,
@@ -278,6 +281,7 @@ impl NodeLog {
             failure,
             shared,
             tx,
+            queued: Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_BYTES)),
             writer: Some(writer),
             committed,
             node_id: node_id.to_owned(),
@@ -324,9 +328,12 @@ impl NodeLog {
         rejected: Vec<DeadLetter>,
     ) -> Result<Pending, LogError> {
         check_origin(&origin, &events, &gaps)?;
+        let cost = events.iter().map(|e| e.size() + 64).sum::<usize>() + gaps.len() * 64;
+        let room = self.room(cost).await?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send_async(Cmd::Ingest {
+                _room: room,
                 origin,
                 epoch,
                 events,
@@ -369,9 +376,22 @@ impl NodeLog {
                 });
             }
         }
+        let cost = batch
+            .records
+            .iter()
+            .map(|r| match &r.item {
+                ReplicatedItem::Event(e) => e.size() + 64,
+                ReplicatedItem::Gap(_) => 64,
+            })
+            .sum::<usize>();
+        let room = self.room(cost).await?;
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send_async(Cmd::Replica(Box::new(batch), reply))
+            .send_async(Cmd::Replica {
+                batch: Box::new(batch),
+                reply,
+                _room: room,
+            })
             .await
             .map_err(|_| LogError::Writer("stopped".into()))?;
         Ok(rx)
@@ -394,6 +414,17 @@ impl NodeLog {
             .map_err(LogError::Writer)
     }
 
+    /// Waits for `bytes` of room in the writer's queue (a batch larger than the whole queue
+    /// takes all of it); the room is given back when the writer has answered.
+    async fn room(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, LogError> {
+        let n = bytes.clamp(1, MAX_QUEUED_BYTES) as u32;
+        self.queued
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| LogError::Writer("stopped".into()))
+    }
+
     /// Marks a durable consumer as seen now, without waiting (for a connection's end).
     pub fn touch_cursor(&self, key: Vec<u8>) {
         if check_key("durable consumer", &key).is_err() {
@@ -411,6 +442,9 @@ impl Drop for NodeLog {
         }
     }
 }
+
+/// Bytes of ingests and replica batches the writer's queue holds at most.
+pub const MAX_QUEUED_BYTES: usize = 256 << 20;
 
 /// The longest key LMDB stores (MDB_MAXKEYSIZE, as lmdb-master-sys is built).
 pub const MAX_KEY_BYTES: usize = 511;

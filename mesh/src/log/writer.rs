@@ -18,6 +18,8 @@ use super::{IngestOutcome, ReplicaBatch, Sync, MAX_DEAD_LETTERS, STORAGE_FULL};
 
 pub(super) enum Cmd {
     Ingest {
+        /// Its room in the writer's queue, given back when the command is answered.
+        _room: tokio::sync::OwnedSemaphorePermit,
         origin: String,
         epoch: u64,
         events: Vec<Event>,
@@ -26,10 +28,12 @@ pub(super) enum Cmd {
         reply: oneshot::Sender<Result<IngestOutcome, String>>,
     },
     /// Store records replicated from an upstream with its cursor.
-    Replica(
-        Box<ReplicaBatch>,
-        oneshot::Sender<Result<IngestOutcome, String>>,
-    ),
+    Replica {
+        batch: Box<ReplicaBatch>,
+        reply: oneshot::Sender<Result<IngestOutcome, String>>,
+        /// Its room in the writer's queue, given back when the command is answered.
+        _room: tokio::sync::OwnedSemaphorePermit,
+    },
     /// Store a durable consumer's cursor (batched into the next commit).
     Cursor {
         key: Vec<u8>,
@@ -207,7 +211,7 @@ impl Writer {
                     self.dead_letters(&mut wtxn, origin, *epoch, rejected)?;
                     o
                 }
-                Cmd::Replica(batch, _) => self.apply_replica(&mut wtxn, batch, dirty)?,
+                Cmd::Replica { batch, .. } => self.apply_replica(&mut wtxn, batch, dirty)?,
                 Cmd::Cursor { key, cursor, .. } => {
                     shared.cursors.put(&mut wtxn, key, &encode(cursor))?;
                     IngestOutcome::default()
@@ -502,7 +506,7 @@ fn refused_by_request(e: &heed::Error) -> bool {
 /// Answers a command with its outcome.
 fn reply(c: Cmd, r: Result<IngestOutcome, String>) {
     match c {
-        Cmd::Ingest { reply, .. } | Cmd::Replica(_, reply) => {
+        Cmd::Ingest { reply, .. } | Cmd::Replica { reply, .. } => {
             let _ = reply.send(r);
         }
         Cmd::Cursor {

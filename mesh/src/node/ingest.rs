@@ -34,6 +34,7 @@ pub(super) async fn uplink(
     let (tx, rx) = mpsc::channel::<AckItem>(64);
     let acker = tokio::spawn(acker(send, rx, ctx.metrics.clone()));
     let max_event = ctx.cfg.node.max_event_bytes.as_u64() as usize;
+    let mut refused_logged = 0u64;
     loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
@@ -112,7 +113,12 @@ pub(super) async fn uplink(
             };
             match refusal {
                 Some((code, reason)) => {
-                    warn!(seq = ev.seq, %code, %reason, "event refused");
+                    // Logged once per connection (with the first reason); every refusal is
+                    // counted by code and answered in the ack.
+                    if refused_logged == 0 {
+                        warn!(seq = ev.seq, %code, %reason, "event refused (further refusals on this connection are counted, not logged)");
+                    }
+                    refused_logged += 1;
                     refused_topics.insert(ev.seq, ev.topic.clone());
                     rejected.push(Rejection {
                         seq: ev.seq,
@@ -174,6 +180,12 @@ pub(super) async fn uplink(
     }
     drop(tx);
     let _ = acker.await;
+    if refused_logged > 1 {
+        warn!(
+            refused = refused_logged,
+            "events refused on this connection"
+        );
+    }
 }
 
 async fn acker(

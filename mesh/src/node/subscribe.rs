@@ -16,6 +16,10 @@ use crate::config::Access;
 use crate::log::Record;
 use telemesh_quic::wire::{write_frame, FrameReader, WireError};
 
+/// The bytes of a subscription's filters, all together, at most (they are matched against
+/// every record and stored with a durable cursor).
+const MAX_FILTER_BYTES: usize = 8 * 1024;
+
 /// Who a subscription serves, as its hello said.
 pub(super) struct Subscriber {
     /// The certificate's identity.
@@ -149,6 +153,11 @@ pub(super) async fn consumer(
         )
         .await;
     }
+    let filter_bytes: usize = filters.iter().map(String::len).sum();
+    if filter_bytes > MAX_FILTER_BYTES {
+        let why = format!("filters of {filter_bytes} bytes in all, more than {MAX_FILTER_BYTES}");
+        return send_error(&mut send, &ctx, ErrorCode::LIMIT_EXCEEDED, why).await;
+    }
     for f in &filters {
         if let Err(e) = validate_filter(f) {
             return send_error(
@@ -271,10 +280,20 @@ pub(super) async fn consumer(
             let want = credit.min(1_000) as usize;
             // Read about what the credit can take: records read past it would be decoded
             // only to be read again next round.
-            let records = match ctx.log.read_within(from, want.max(256), budget) {
-                Ok(r) => r,
-                Err(e) => {
+            // LMDB reads run off the async workers: a subscription scanning a long stretch
+            // of the log never holds a runtime thread.
+            let log = ctx.log.clone();
+            let read =
+                tokio::task::spawn_blocking(move || log.read_within(from, want.max(256), budget))
+                    .await;
+            let records = match read {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
                     warn!(error = %e, "log read failed");
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "log read task failed");
                     break;
                 }
             };
