@@ -659,3 +659,61 @@ async fn the_http_port_bounds_idle_clients_and_keeps_answering() {
     }
     node.still_serves_good_clients(100, 100).await;
 }
+
+/// The review's H2: under `overflow = "block"` with the uplink down and the buffer full,
+/// one client streams QoS 0 PUBLISHes of 200 KiB. Appends waiting for room (queued or
+/// parked) are bounded in bytes (`buffer.queue_bytes`), so the durable port stops reading
+/// the socket — TCP backpressure — and the agent's memory stays bounded; it keeps
+/// answering new connections and `/healthz` (a full buffer is policy, not ill health).
+#[test]
+fn a_flood_into_a_full_blocking_buffer_is_pushed_back_not_held() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let durable: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nid = \"gw-flood\"\ndata_dir = \"{d}\"\n\
+             [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\
+             [durable]\nlisten = \"{durable}\"\nmax_packet = \"1MiB\"\n\
+             [buffer]\nmax_bytes = \"2MiB\"\nmap_size = \"16MiB\"\noverflow = \"block\"\n\
+             sync = \"none\"\nqueue_bytes = \"4MiB\"\n\
+             [metrics]\nlisten = \"{http}\"\n",
+            d = dir.path().join("data").display(),
+            mqtt = free_port(),
+        ),
+    )
+    .unwrap();
+    let agent = spawn_agent(&path);
+    wait_listening(durable);
+    let mut s = telemesh_testkit::mqtt::connect_raw(durable, "flood");
+    s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut body = Vec::new();
+    telemesh_testkit::mqtt::string(b"site/flood", &mut body);
+    body.extend_from_slice(&vec![b'x'; 200 * 1024]);
+    let publish = telemesh_testkit::mqtt::packet(0x30, &body);
+    let mut sent = 0usize;
+    while sent < 400 << 20 {
+        match s.write_all(&publish) {
+            Ok(()) => sent += publish.len(),
+            Err(_) => break,
+        }
+    }
+    let rss = rss_anon_kib(agent.id()) / 1024;
+    eprintln!(
+        "the port stopped reading after {} MiB; agent RssAnon {rss} MiB",
+        sent >> 20
+    );
+    assert!(
+        sent < 64 << 20,
+        "the port kept reading: {} MiB taken",
+        sent >> 20
+    );
+    assert!(rss < 96, "agent RssAnon {rss} MiB");
+    // The agent still answers: a new connection gets its CONNACK, /healthz is 200.
+    let _other = telemesh_testkit::mqtt::connect_raw(durable, "other");
+    let health = http_get_blocking(http, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}

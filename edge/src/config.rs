@@ -239,6 +239,9 @@ pub struct BufferSection {
     /// With `sync = "interval"`: how often to sync.
     #[serde(with = "humantime_serde")]
     pub sync_interval: Duration,
+    /// Bytes of events that may wait for the writer (queued, or parked under `block`)
+    /// before the MQTT ports stop taking more: the durable port stops reading its sockets.
+    pub queue_bytes: ByteSize,
 }
 
 impl Default for BufferSection {
@@ -251,6 +254,7 @@ impl Default for BufferSection {
             commit_interval: o.commit_interval,
             sync: o.sync,
             sync_interval: o.sync_interval,
+            queue_bytes: ByteSize::b(o.queue_bytes),
         }
     }
 }
@@ -281,6 +285,12 @@ impl EdgeConfig {
         let b = &self.buffer;
         if b.max_bytes.as_u64() == 0 {
             return Err(invalid("buffer.max_bytes", "must be above 0"));
+        }
+        if b.queue_bytes.as_u64() == 0 || b.queue_bytes.as_u64() > u64::from(u32::MAX) {
+            return Err(invalid(
+                "buffer.queue_bytes",
+                "must be above 0 and below 4GiB",
+            ));
         }
         if b.max_bytes.as_u64() > b.map_size.as_u64() / 10 * 8 {
             return Err(invalid(
@@ -439,6 +449,7 @@ impl EdgeConfig {
             sync: b.sync,
             sync_interval: b.sync_interval,
             commit_interval: b.commit_interval,
+            queue_bytes: b.queue_bytes.as_u64(),
             ..BufferOptions::default()
         }
     }
@@ -482,6 +493,7 @@ overflow = "drop-oldest"           # or "drop-newest", or "block"
 commit_interval = "5ms"            # longest wait; commits happen as soon as the writer is free
 sync = "always"                    # or "interval" (with sync_interval), or "none"
 sync_interval = "100ms"
+queue_bytes = "64MiB"              # events waiting for the writer, at most; then ports stop reading
 
 # [uplink]                         # forward to the mesh (without it the agent only buffers)
 # nodes = ["node-a.example:7800", "node-b.example:7800"]   # tried in order

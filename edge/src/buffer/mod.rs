@@ -97,6 +97,10 @@ pub struct BufferOptions {
     pub commit_interval: Duration,
     /// Commands that may wait for the writer before senders block.
     pub queue: usize,
+    /// Bytes of appends that may wait for the writer — queued, or parked under
+    /// `overflow = "block"` — before senders block (the durable port then stops reading
+    /// its sockets; the broker's tap stops taking messages and an overrun is recorded).
+    pub queue_bytes: u64,
 }
 
 impl Default for BufferOptions {
@@ -109,6 +113,7 @@ impl Default for BufferOptions {
             sync_interval: Duration::from_millis(100),
             commit_interval: Duration::from_millis(5),
             queue: 65_536,
+            queue_bytes: 64 << 20,
         }
     }
 }
@@ -223,6 +228,8 @@ pub struct Durable {
 pub struct Buffer {
     shared: Arc<Shared>,
     tx: flume::Sender<Command>,
+    room: Arc<tokio::sync::Semaphore>,
+    room_cap: u32,
     writer: Option<JoinHandle<()>>,
     epoch: u64,
     start: StartKind,
@@ -361,6 +368,8 @@ impl Buffer {
             m.oldest_event_us.store(oldest_ts(&shared, &rtxn)?, Relaxed);
         }
 
+        let room_cap = opts.queue_bytes.clamp(1, u64::from(u32::MAX)) as u32;
+        let room = Arc::new(tokio::sync::Semaphore::new(room_cap as usize));
         let (tx, rx) = flume::bounded(opts.queue.max(1));
         let epoch = meta.epoch;
         let writer_shared = shared.clone();
@@ -375,6 +384,8 @@ impl Buffer {
         Ok(Buffer {
             shared,
             tx,
+            room,
+            room_cap,
             writer: Some(writer),
             epoch,
             start,
@@ -396,6 +407,8 @@ impl Buffer {
     pub fn handle(&self) -> Handle {
         Handle {
             tx: self.tx.clone(),
+            room: self.room.clone(),
+            room_cap: self.room_cap,
             metrics: self.shared.metrics.clone(),
         }
     }

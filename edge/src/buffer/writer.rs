@@ -25,7 +25,14 @@ use super::{
 use crate::metrics::EdgeMetrics;
 
 pub(super) enum Command {
-    Append(Incoming, Option<Durable>),
+    /// An event, what the durable port attaches, and its room in the queue (given back
+    /// when the command is done: committed, refused or failed).
+    Append(
+        Incoming,
+        Option<Durable>,
+        // Held for its drop: the room goes back when the command is done.
+        #[allow(dead_code)] Room,
+    ),
     /// Forget a QoS 2 packet id (PUBREL), reporting once committed.
     Release {
         client: String,
@@ -54,8 +61,15 @@ pub(super) enum Command {
 #[derive(Clone)]
 pub struct Handle {
     pub(super) tx: flume::Sender<Command>,
+    /// Bytes of appends queued or parked, at most `queue_bytes` (its permits).
+    pub(super) room: Arc<tokio::sync::Semaphore>,
+    /// `queue_bytes`: an append larger than that takes all of it.
+    pub(super) room_cap: u32,
     pub(super) metrics: Arc<EdgeMetrics>,
 }
+
+/// An append's room in the writer's queue.
+pub(super) type Room = tokio::sync::OwnedSemaphorePermit;
 
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,8 +84,22 @@ impl Handle {
         self.metrics
             .bytes_in
             .fetch_add((ev.topic.len() + ev.payload.len()) as u64, Relaxed);
+        // A plain thread waits here (the broker's tap). `unconstrained`: tokio's cooperative
+        // budget must not apply outside a task, or a caller on a runtime thread would spin.
+        let wait = tokio::task::unconstrained(self.room(incoming_bytes(&ev)));
+        let room = futures_executor::block_on(wait)?;
         self.tx
-            .send(Command::Append(ev, None))
+            .send(Command::Append(ev, None, room))
+            .map_err(|_| BufferError::Closed)
+    }
+
+    /// Room for `bytes` in the queue; waits while the queue holds its `queue_bytes`.
+    async fn room(&self, bytes: u64) -> Result<Room, BufferError> {
+        let n = bytes.clamp(1, u64::from(self.room_cap.max(1))) as u32;
+        self.room
+            .clone()
+            .acquire_many_owned(n)
+            .await
             .map_err(|_| BufferError::Closed)
     }
 
@@ -82,8 +110,9 @@ impl Handle {
         self.metrics
             .bytes_in
             .fetch_add((ev.topic.len() + ev.payload.len()) as u64, Relaxed);
+        let room = self.room(incoming_bytes(&ev)).await?;
         self.tx
-            .send_async(Command::Append(ev, Some(durable)))
+            .send_async(Command::Append(ev, Some(durable), room))
             .await
             .map_err(|_| BufferError::Closed)
     }
@@ -189,20 +218,23 @@ pub(super) struct Writer {
 /// it is stored): its encoded event, key and LMDB overhead.
 fn command_bytes(c: &Command) -> u64 {
     match c {
-        Command::Append(inc, _) => {
-            let headers = inc.headers.as_ref().map_or(0, |h| {
-                h.user_properties
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len() + 6)
-                    .sum::<usize>()
-                    + h.content_type.as_ref().map_or(0, |c| c.len() + 3)
-                    + h.traceparent.as_ref().map_or(0, |t| t.len() + 3)
-                    + 3
-            });
-            (inc.topic.len() + inc.payload.len() + headers) as u64 + 40 + 16 + ENTRY_OVERHEAD
-        }
+        Command::Append(inc, _, _) => incoming_bytes(inc),
         _ => 0,
     }
+}
+
+/// What an append costs at most: its encoded event, key and LMDB overhead.
+fn incoming_bytes(inc: &Incoming) -> u64 {
+    let headers = inc.headers.as_ref().map_or(0, |h| {
+        h.user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>()
+            + h.content_type.as_ref().map_or(0, |c| c.len() + 3)
+            + h.traceparent.as_ref().map_or(0, |t| t.len() + 3)
+            + 3
+    });
+    (inc.topic.len() + inc.payload.len() + headers) as u64 + 40 + 16 + ENTRY_OVERHEAD
 }
 
 /// Changes of one transaction, applied to metrics and reported only once it commits.
@@ -303,7 +335,7 @@ impl Writer {
         }
         for c in group {
             match &c {
-                Command::Append(_, Some(_)) => {
+                Command::Append(_, Some(_), _) => {
                     let cost = command_bytes(&c);
                     if !self.parked.is_empty() || cost > room {
                         self.parked.push_back(c);
@@ -312,7 +344,7 @@ impl Writer {
                         admitted.push(c);
                     }
                 }
-                Command::Append(_, None) => {
+                Command::Append(_, None, _) => {
                     room = room.saturating_sub(command_bytes(&c));
                     admitted.push(c);
                 }
@@ -449,7 +481,7 @@ impl Writer {
                     let mut outcomes = effects.appended.into_iter().peekable();
                     for (i, c) in group.iter_mut().enumerate() {
                         match c {
-                            Command::Append(_, Some(d)) => {
+                            Command::Append(_, Some(d), _) => {
                                 if let Some((_, r)) = outcomes.next_if(|(j, _)| *j == i) {
                                     if let Some(n) = d.notify.take() {
                                         let _ = n.send(r);
@@ -525,7 +557,7 @@ impl Writer {
         let mut lost = 0;
         for c in group.iter_mut() {
             match c {
-                Command::Append(_, durable) => {
+                Command::Append(_, durable, _) => {
                     lost += 1;
                     if let Some(n) = durable.as_mut().and_then(|d| d.notify.take()) {
                         let _ = n.send(Err(AppendError::Failed(why.to_owned())));
@@ -572,7 +604,7 @@ impl Writer {
         fx: &mut TxnEffects,
     ) -> Result<(), heed::Error> {
         match c {
-            Command::Append(inc, durable) => {
+            Command::Append(inc, durable, _) => {
                 let stored = self.append(wtxn, inc, fx)?;
                 if let Some(d) = durable {
                     if let (Ok(at), Some((client, pkid))) = (&stored, &d.qos2) {
