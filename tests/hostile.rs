@@ -668,26 +668,10 @@ async fn the_http_port_bounds_idle_clients_and_keeps_answering() {
 #[test]
 fn a_flood_into_a_full_blocking_buffer_is_pushed_back_not_held() {
     use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let durable: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let path = dir.path().join("edge.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[agent]\nid = \"gw-flood\"\ndata_dir = \"{d}\"\n\
-             [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\
-             [durable]\nlisten = \"{durable}\"\nmax_packet = \"1MiB\"\n\
-             [buffer]\nmax_bytes = \"2MiB\"\nmap_size = \"16MiB\"\noverflow = \"block\"\n\
-             sync = \"none\"\nqueue_bytes = \"4MiB\"\n\
-             [metrics]\nlisten = \"{http}\"\n",
-            d = dir.path().join("data").display(),
-            mqtt = free_port(),
-        ),
-    )
-    .unwrap();
-    let agent = spawn_agent(&path);
-    wait_listening(durable);
+    let (_dir, agent, durable, http) = durable_agent(
+        "max_packet = \"1MiB\"",
+        "max_bytes = \"2MiB\"\nmap_size = \"16MiB\"\noverflow = \"block\"\nqueue_bytes = \"4MiB\"",
+    );
     let mut s = telemesh_testkit::mqtt::connect_raw(durable, "flood");
     s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
     let mut body = Vec::new();
@@ -714,6 +698,72 @@ fn a_flood_into_a_full_blocking_buffer_is_pushed_back_not_held() {
     assert!(rss < 96, "agent RssAnon {rss} MiB");
     // The agent still answers: a new connection gets its CONNACK, /healthz is 200.
     let _other = telemesh_testkit::mqtt::connect_raw(durable, "other");
+    let health = http_get_blocking(http, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
+
+/// An edge agent process with only a durable port (no uplink) and `/metrics`; `durable` and
+/// `buffer` are further lines of those sections.
+fn durable_agent(
+    durable_keys: &str,
+    buffer_keys: &str,
+) -> (tempfile::TempDir, Process, SocketAddr, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let durable: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let path = dir.path().join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nid = \"gw-hostile\"\ndata_dir = \"{d}\"\n\
+             [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n\
+             [durable]\nlisten = \"{durable}\"\n{durable_keys}\n\
+             [buffer]\nsync = \"none\"\n{buffer_keys}\n\
+             [metrics]\nlisten = \"{http}\"\n",
+            d = dir.path().join("data").display(),
+            mqtt = free_port(),
+        ),
+    )
+    .unwrap();
+    let agent = spawn_agent(&path);
+    wait_listening(durable);
+    (dir, agent, durable, http)
+}
+
+/// The review's M5: a client that sets keep-alive 0 ("off") and then stays silent no longer
+/// holds its connection slot for ever: it is closed after `durable.idle_timeout`; a client
+/// that keeps talking is not.
+#[test]
+fn a_silent_keep_alive_zero_client_is_closed_after_the_idle_timeout() {
+    use std::io::Write;
+    use telemesh_testkit::mqtt::{closed_by_server, connect_packet, open, publish_qos, read_n};
+    let (_dir, _agent, durable, http) = durable_agent(
+        "idle_timeout = \"700ms\"",
+        "max_bytes = \"8MiB\"\nmap_size = \"32MiB\"",
+    );
+    let (mut silent, ack) = open(durable, &connect_packet(4, "silent", true, 0, None), 4);
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let (mut talker, ack) = open(durable, &connect_packet(4, "talker", true, 0, None), 4);
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let t = std::time::Instant::now();
+    for pkid in 1..=6u16 {
+        talker
+            .write_all(&publish_qos(4, 1, false, pkid, b"site/talk", b"hi"))
+            .unwrap();
+        assert_eq!(read_n(&mut talker, 4), [0x40, 2, 0, pkid as u8]);
+        // Pacing, not waiting: the talker speaks every 250 ms across the 700 ms limit.
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        closed_by_server(&mut silent),
+        "the silent client was closed"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // The talker outlived the silent one's limit and is still served.
+    talker
+        .write_all(&publish_qos(4, 1, false, 7, b"site/talk", b"hi"))
+        .unwrap();
+    assert_eq!(read_n(&mut talker, 4), [0x40, 2, 0, 7]);
     let health = http_get_blocking(http, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }

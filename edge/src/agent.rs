@@ -215,6 +215,7 @@ fn start_durable(
         max_inflight: d.max_inflight,
         max_packet: d.max_packet.as_u64() as usize,
         connect_timeout: d.connect_timeout,
+        idle_timeout: d.idle_timeout,
         max_event: cfg.max_event_bytes(),
     };
     rt.block_on(DurableServer::start(

@@ -138,8 +138,15 @@ pub struct DurableSection {
     /// Time allowed for the TLS handshake and CONNECT.
     #[serde(with = "humantime_serde", default = "default_connect_timeout")]
     pub connect_timeout: Duration,
+    /// A client that set keep-alive 0 ("off") is disconnected after this long without a
+    /// packet (others after 1.5 × their keep-alive, as MQTT says).
+    #[serde(with = "humantime_serde", default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
 }
 
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
 fn default_durable_connections() -> usize {
     10_000
 }
@@ -354,6 +361,9 @@ impl EdgeConfig {
                     "must be between 64B and 256MiB",
                 ));
             }
+            if d.idle_timeout.is_zero() {
+                return Err(invalid("durable.idle_timeout", "must be above 0"));
+            }
             if d.connect_timeout.is_zero() {
                 return Err(invalid("durable.connect_timeout", "must be above 0"));
             }
@@ -485,6 +495,7 @@ max_connections = 10000
 max_inflight = 1000                # unanswered publishes per connection before it stops reading
 max_packet = "256KiB"
 connect_timeout = "5s"             # TLS handshake and CONNECT
+idle_timeout = "5m"                # a keep-alive 0 client silent this long is disconnected
 
 [buffer]
 max_bytes = "1GiB"                 # at most 80% of map_size

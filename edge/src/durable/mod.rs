@@ -54,6 +54,8 @@ pub struct DurableOptions {
     pub max_packet: usize,
     /// Time allowed for the TLS handshake and CONNECT.
     pub connect_timeout: Duration,
+    /// How long a keep-alive 0 client may stay silent.
+    pub idle_timeout: Duration,
     /// The largest event (topic, payload and headers) the mesh takes from this agent: a
     /// larger PUBLISH is refused without an acknowledgement (DISCONNECT 0x95 on MQTT 5).
     pub max_event: usize,
@@ -364,7 +366,13 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
     let mut close: Option<CloseReason> = None;
     let mut qos2_seen: HashSet<u16> = HashSet::new();
     let mut shutdown = ctx.shutdown.clone();
-    let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    // MQTT's 1.5 × keep-alive; keep-alive 0 ("off") still gets the port's idle limit, so a
+    // silent client cannot hold a connection slot for ever.
+    let idle = Some(if keep_alive > 0 {
+        Duration::from_millis(u64::from(keep_alive) * 1500)
+    } else {
+        ctx.opts.idle_timeout
+    });
     'conn: loop {
         // Every whole packet in the buffer first.
         loop {
