@@ -81,6 +81,39 @@ impl Node {
         .unwrap()
     }
 
+    /// Runs `telemesh sub` against the node as `analytics` (off the runtime's threads).
+    async fn sub(&self, args: &[&str]) -> (bool, Vec<serde_json::Value>, String) {
+        let toml = self.client_toml.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sub(&toml, &args)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// `telemesh sub` of `site/#` from the earliest event until `count` events (JSON lines).
+    async fn read_all(
+        &self,
+        count: usize,
+        timeout: &str,
+    ) -> (bool, Vec<serde_json::Value>, String) {
+        let count = count.to_string();
+        self.sub(&[
+            "--filter",
+            "site/#",
+            "--from",
+            "earliest",
+            "--json",
+            "--count",
+            &count,
+            "--timeout",
+            timeout,
+        ])
+        .await
+    }
+
     fn rss_anon_mib(&self) -> u64 {
         rss_anon_kib(self.process.id()) / 1024
     }
@@ -107,26 +140,7 @@ impl Node {
         )
         .await;
         up.stop().await;
-        let toml = self.client_toml.clone();
-        let count = total.to_string();
-        let (ok, lines, err) = tokio::task::spawn_blocking(move || {
-            sub(
-                &toml,
-                &[
-                    "--filter",
-                    "site/#",
-                    "--from",
-                    "earliest",
-                    "--json",
-                    "--count",
-                    &count,
-                    "--timeout",
-                    "30s",
-                ],
-            )
-        })
-        .await
-        .unwrap();
+        let (ok, lines, err) = self.read_all(total, "30s").await;
         assert!(ok, "the good consumer is served: {err}");
         assert_eq!(lines.len(), total, "every stored event is delivered");
         let health = http_get(self.http, "/healthz").await;
@@ -146,25 +160,19 @@ impl Node {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_600_byte_durable_name_is_refused_and_the_writer_goes_on() {
     let node = Node::start();
-    let toml = node.client_toml.clone();
     let long = "x".repeat(600);
-    let (ok, lines, err) = tokio::task::spawn_blocking(move || {
-        sub(
-            &toml,
-            &[
-                "--filter",
-                "site/#",
-                "--durable",
-                &long,
-                "--count",
-                "1",
-                "--timeout",
-                "10s",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, lines, err) = node
+        .sub(&[
+            "--filter",
+            "site/#",
+            "--durable",
+            &long,
+            "--count",
+            "1",
+            "--timeout",
+            "10s",
+        ])
+        .await;
     assert!(!ok, "sub fails");
     assert!(lines.is_empty());
     assert!(
@@ -172,24 +180,18 @@ async fn a_600_byte_durable_name_is_refused_and_the_writer_goes_on() {
         "refused with its code and why: {err}"
     );
     // Names at the bound and with other characters: the bound is served, the rest refused.
-    let toml = node.client_toml.clone();
-    let (ok, _, err) = tokio::task::spawn_blocking(move || {
-        sub(
-            &toml,
-            &[
-                "--filter",
-                "site/#",
-                "--durable",
-                "a/b",
-                "--count",
-                "1",
-                "--timeout",
-                "10s",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, _, err) = node
+        .sub(&[
+            "--filter",
+            "site/#",
+            "--durable",
+            "a/b",
+            "--count",
+            "1",
+            "--timeout",
+            "10s",
+        ])
+        .await;
     assert!(!ok && err.contains("invalid_name"), "{err}");
     node.still_serves_good_clients(1_000, 1_000).await;
 }
@@ -542,25 +544,7 @@ async fn header_heavy_events_never_stall_the_uplink() {
     );
     assert_eq!(publish_v5(durable, "after", 30, 1, 10).await, 30);
     // Every acknowledged event reaches a consumer: the uplink never stalled.
-    let toml = node.client_toml.clone();
-    let (ok, lines, err) = tokio::task::spawn_blocking(move || {
-        sub(
-            &toml,
-            &[
-                "--filter",
-                "site/#",
-                "--from",
-                "earliest",
-                "--json",
-                "--count",
-                "100",
-                "--timeout",
-                "60s",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, lines, err) = node.read_all(100, "60s").await;
     assert!(ok, "{err}");
     assert_eq!(lines.len(), 100);
     node.still_serves_good_clients(100, 200).await;
@@ -595,25 +579,7 @@ async fn deliveries_of_large_events_fit_the_consumers_frame_limit() {
             other => panic!("{other:?}"),
         }
     }
-    let toml = node.client_toml.clone();
-    let (ok, lines, err) = tokio::task::spawn_blocking(move || {
-        sub(
-            &toml,
-            &[
-                "--filter",
-                "site/#",
-                "--from",
-                "earliest",
-                "--count",
-                "80",
-                "--timeout",
-                "60s",
-                "--json",
-            ],
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, lines, err) = node.read_all(80, "60s").await;
     assert!(ok, "{err}");
     assert_eq!(lines.len(), 80);
     let rss = node.rss_anon_mib();
