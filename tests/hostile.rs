@@ -733,3 +733,56 @@ fn a_silent_keep_alive_zero_client_is_closed_after_the_idle_timeout() {
     let health = http_get_blocking(http, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
+
+/// The review's M4: a client publishes QoS 2 and never sends PUBREL, so its exactly-once
+/// state (stored with the events) would grow without bound. Past 4,096 packet ids stored and
+/// not released the port closes the connection (0x93 on MQTT 5), on this and later
+/// connections of the same client id, until PUBRELs free places; other clients are served.
+#[test]
+fn qos2_state_of_one_client_is_capped() {
+    use std::io::Write;
+    use telemesh_testkit::mqtt::{closed_by_server, connect_packet, open, publish_qos, read_n};
+    let (_dir, _agent, durable, http) =
+        durable_agent("", "max_bytes = \"64MiB\"\nmap_size = \"256MiB\"");
+    let (mut s, ack) = open(durable, &connect_packet(4, "hoarder", false, 30, None), 4);
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    for chunk in (1..=4_096u16).collect::<Vec<_>>().chunks(512) {
+        for &pkid in chunk {
+            s.write_all(&publish_qos(4, 2, false, pkid, b"site/q2", b"x"))
+                .unwrap();
+        }
+        for &pkid in chunk {
+            assert_eq!(read_n(&mut s, 4), [0x50, 2, (pkid >> 8) as u8, pkid as u8]);
+        }
+    }
+    // The 4,097th is refused: the connection closes without a PUBREC.
+    s.write_all(&publish_qos(4, 2, false, 5_000, b"site/q2", b"x"))
+        .unwrap();
+    assert!(closed_by_server(&mut s));
+    // A later connection of the same client id is held to the same state.
+    let (mut s, ack) = open(durable, &connect_packet(4, "hoarder", false, 30, None), 4);
+    assert_eq!(ack, [0x20, 2, 1, 0], "session present");
+    s.write_all(&publish_qos(4, 2, false, 5_001, b"site/q2", b"x"))
+        .unwrap();
+    assert!(closed_by_server(&mut s));
+    // PUBREL frees a place: then one more is taken.
+    let (mut s, _) = open(durable, &connect_packet(4, "hoarder", false, 30, None), 4);
+    s.write_all(&telemesh_testkit::mqtt::packet(0x62, &[0, 1]))
+        .unwrap();
+    assert_eq!(read_n(&mut s, 4), [0x70, 2, 0, 1], "PUBCOMP");
+    s.write_all(&publish_qos(4, 2, false, 5_002, b"site/q2", b"x"))
+        .unwrap();
+    assert_eq!(
+        read_n(&mut s, 4),
+        [0x50, 2, (5_002u16 >> 8) as u8, 5_002u16 as u8]
+    );
+    // Others are served.
+    let (mut other, ack) = open(durable, &connect_packet(4, "other", true, 30, None), 4);
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    other
+        .write_all(&publish_qos(4, 2, false, 1, b"site/q2", b"y"))
+        .unwrap();
+    assert_eq!(read_n(&mut other, 4), [0x50, 2, 0, 1]);
+    let health = http_get_blocking(http, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}

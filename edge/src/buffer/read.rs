@@ -103,6 +103,19 @@ impl Reader {
         Ok(range.next().is_some())
     }
 
+    /// How many QoS 2 packet ids a client has stored and not released, counting at most to
+    /// `limit`.
+    pub fn qos2_count(&self, client: &str, limit: usize) -> Result<usize, BufferError> {
+        let rtxn = self.shared.env.read_txn()?;
+        let lo = qos2_key(client, 0);
+        let hi = qos2_key(client, u16::MAX);
+        let range = self
+            .shared
+            .qos2
+            .range(&rtxn, &(Bound::Included(&lo[..]), Bound::Included(&hi[..])))?;
+        Ok(range.take(limit).count())
+    }
+
     /// Every gap record, in (epoch, position, id) order.
     pub fn gaps(&self) -> Result<Vec<StoredGap>, BufferError> {
         let rtxn = self.shared.env.read_txn()?;

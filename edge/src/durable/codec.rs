@@ -113,6 +113,8 @@ pub enum CloseReason {
     KeepAlive,
     /// Another connection took the session (0x8E).
     TakenOver,
+    /// Too many QoS 2 messages received and not released (0x93, receive maximum exceeded).
+    ReceiveMaximum,
     /// The buffer cannot store (0x80 unspecified, or 0x97 quota exceeded).
     Storage,
     /// The agent is shutting down (0x8B).
@@ -405,6 +407,7 @@ fn write_v5(
                 CloseReason::TooLarge => v5::DisconnectReasonCode::PacketTooLarge,
                 CloseReason::KeepAlive => v5::DisconnectReasonCode::KeepAliveTimeout,
                 CloseReason::TakenOver => v5::DisconnectReasonCode::SessionTakenOver,
+                CloseReason::ReceiveMaximum => v5::DisconnectReasonCode::ReceiveMaximumExceeded,
                 CloseReason::Storage => v5::DisconnectReasonCode::UnspecifiedError,
                 CloseReason::ShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
             };

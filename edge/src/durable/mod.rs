@@ -34,6 +34,11 @@ use codec::{CloseReason, CodecError, ConnCode, In, Out, Version};
 use telemesh_proto::check_event_size;
 use telemesh_proto::topic::validate_topic_name;
 
+/// QoS 2 packet ids one client may have stored and not released (PUBREC sent, no PUBREL
+/// yet), at most: a client past it is disconnected (0x93), so its exactly-once state cannot
+/// grow without bound.
+pub const MAX_QOS2_PER_CLIENT: usize = 4_096;
+
 /// The longest client id the durable port accepts, in bytes.
 pub const MAX_CLIENT_ID: usize = 128;
 
@@ -365,6 +370,11 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
     let mut graceful = false;
     let mut close: Option<CloseReason> = None;
     let mut qos2_seen: HashSet<u16> = HashSet::new();
+    // QoS 2 packet ids this client has stored and not released, this session or before.
+    let mut qos2_held = ctx
+        .reader
+        .qos2_count(&client_id, MAX_QOS2_PER_CLIENT + 1)
+        .unwrap_or(0);
     let mut shutdown = ctx.shutdown.clone();
     // MQTT's 1.5 × keep-alive; keep-alive 0 ("off") still gets the port's idle limit, so a
     // silent client cannot hold a connection slot for ever.
@@ -463,6 +473,17 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
                                 m.durable_duplicates.fetch_add(1, Relaxed);
                                 Pending::Now(Out::PubRec(pkid))
                             } else {
+                                if qos2_held >= MAX_QOS2_PER_CLIENT {
+                                    m.rejected_invalid.fetch_add(1, Relaxed);
+                                    warn!(
+                                        client_id,
+                                        held = qos2_held,
+                                        "too many QoS 2 messages not released: closing connection"
+                                    );
+                                    close = Some(CloseReason::ReceiveMaximum);
+                                    break 'conn;
+                                }
+                                qos2_held += 1;
                                 let (tx, rx) = oneshot::channel();
                                 let d = Durable {
                                     notify: Some(tx),
@@ -481,7 +502,13 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: 
                     }
                 }
                 In::PubRel(pkid) => {
-                    qos2_seen.remove(&pkid);
+                    // Only a packet id that is stored frees a place (a PUBREL for an unknown
+                    // one must not make room for more).
+                    let stored = qos2_seen.remove(&pkid)
+                        || ctx.reader.qos2(&client_id, pkid).ok().flatten().is_some();
+                    if stored {
+                        qos2_held = qos2_held.saturating_sub(1);
+                    }
                     let (tx, rx) = oneshot::channel();
                     if ctx
                         .handle
