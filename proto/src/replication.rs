@@ -395,6 +395,12 @@ impl Replicator {
                 let start = self.start_for(&node_id, incarnation);
                 self.upstream = Some((node_id, incarnation));
                 self.state = State::AwaitSubscribed;
+                // What this subscription asks for: `truncated` and `subscribed` must not
+                // answer with anything before it.
+                self.received = match start {
+                    Start::Seq(n) => n.saturating_sub(1),
+                    _ => 0,
+                };
                 Ok(Step::Send(Frame::Subscribe {
                     filters: self.filters.clone(),
                     start,
@@ -415,9 +421,12 @@ impl Replicator {
                     earliest,
                 },
             ) => {
-                if earliest <= requested {
+                // Retention only deletes: what is truncated lies ahead of what this replica
+                // has, never behind it (a cursor never moves back).
+                if earliest <= requested || earliest - 1 <= self.received {
                     return Err(ReplicaError::Order(format!(
-                        "truncated at {earliest}, not after {requested}"
+                        "truncated at {earliest}, not after {requested} and {}",
+                        self.received
                     )));
                 }
                 self.received = earliest - 1;
@@ -429,6 +438,12 @@ impl Replicator {
                 )))
             }
             (State::AwaitSubscribed, Frame::Subscribed { from }) => {
+                if from.saturating_sub(1) < self.received {
+                    return Err(ReplicaError::Order(format!(
+                        "subscribed from {from}, before {} already stored",
+                        self.received + 1
+                    )));
+                }
                 self.state = State::Streaming;
                 self.received = from.saturating_sub(1);
                 // Store where this subscription starts (for `latest` and `time` starts).
@@ -627,6 +642,37 @@ mod tests {
         let mut round = PeerRound::new(&filters, ("down", 1), 1, 100, 100);
         assert!(round.offer(1, big(1)));
         assert!(round.is_full());
+    }
+
+    /// Found by fuzzing (replication_apply): a second `truncated` behind the first moved
+    /// the cursor back. A cursor never moves back: such a frame is an order error.
+    #[test]
+    fn truncated_or_subscribed_behind_the_cursor_is_refused() {
+        let mut r = Replicator::new(1, vec!["#".into()], Start::Earliest, 100, None);
+        r.on_connected("down");
+        r.on_frame(welcome("up", 9)).unwrap();
+        let first = Frame::Truncated {
+            requested: 0,
+            earliest: 761,
+        };
+        assert!(matches!(r.on_frame(first), Ok(Step::Apply(_))));
+        let back = Frame::Truncated {
+            requested: 0,
+            earliest: 121,
+        };
+        assert!(matches!(r.on_frame(back), Err(ReplicaError::Order(_))));
+        let mut r = Replicator::new(1, vec!["#".into()], Start::Earliest, 100, None);
+        r.on_connected("down");
+        r.on_frame(welcome("up", 9)).unwrap();
+        r.on_frame(Frame::Truncated {
+            requested: 1,
+            earliest: 50,
+        })
+        .unwrap();
+        assert!(matches!(
+            r.on_frame(Frame::Subscribed { from: 10 }),
+            Err(ReplicaError::Order(_))
+        ));
     }
 
     fn welcome(node: &str, incarnation: u64) -> Frame {
