@@ -162,6 +162,8 @@ pub struct NodeLog {
     committed: watch::Receiver<u64>,
     node_id: String,
     incarnation: u64,
+    /// Epochs held per origin (see [`MAX_EPOCHS_PER_ORIGIN`]).
+    epochs: std::sync::Mutex<HashMap<String, std::collections::HashSet<u64>>>,
 }
 
 impl std::fmt::Debug for NodeLog {
@@ -257,6 +259,24 @@ impl NodeLog {
         let (committed_tx, committed) = watch::channel(meta.next_seq.saturating_sub(1));
         let incarnation = meta.incarnation;
         info!(node_id, incarnation, next_seq = meta.next_seq, "log open");
+        // The epochs held per origin, for the cap on new ones.
+        let mut epochs: HashMap<String, std::collections::HashSet<u64>> = HashMap::new();
+        {
+            let rtxn = shared.env.read_txn()?;
+            for item in shared.held.iter(&rtxn)? {
+                let (k, _) = item?;
+                let Some(at) = k.iter().position(|&b| b == 0) else {
+                    continue;
+                };
+                let Ok(e) = <[u8; 8]>::try_from(&k[at + 1..]) else {
+                    continue;
+                };
+                epochs
+                    .entry(String::from_utf8_lossy(&k[..at]).into_owned())
+                    .or_default()
+                    .insert(u64::from_be_bytes(e));
+            }
+        }
         let (tx, rx) = flume::bounded(4096);
         let ws = shared.clone();
         let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -286,6 +306,7 @@ impl NodeLog {
             committed,
             node_id: node_id.to_owned(),
             incarnation,
+            epochs: std::sync::Mutex::new(epochs),
         })
     }
 
@@ -328,6 +349,7 @@ impl NodeLog {
         rejected: Vec<DeadLetter>,
     ) -> Result<Pending, LogError> {
         check_origin(&origin, &events, &gaps)?;
+        self.admit_epoch(&origin, epoch)?;
         let cost = events.iter().map(|e| e.size() + 64).sum::<usize>() + gaps.len() * 64;
         let room = self.room(cost).await?;
         let (reply, rx) = oneshot::channel();
@@ -414,6 +436,27 @@ impl NodeLog {
             .map_err(LogError::Writer)
     }
 
+    /// Refuses a new epoch of an origin that has [`MAX_EPOCHS_PER_ORIGIN`] already: every
+    /// epoch costs range sets in LMDB, a completeness entry and metric series, and an agent
+    /// takes a new one only after an unclean stop.
+    fn admit_epoch(&self, origin: &str, epoch: u64) -> Result<(), LogError> {
+        let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        let held = epochs.entry(origin.to_owned()).or_default();
+        if held.contains(&epoch) {
+            return Ok(());
+        }
+        if held.len() >= MAX_EPOCHS_PER_ORIGIN {
+            return Err(LogError::Refused {
+                code: ErrorCode::LIMIT_EXCEEDED,
+                reason: format!(
+                    "origin {origin} has {MAX_EPOCHS_PER_ORIGIN} epochs already (a new one comes with each unclean start of its agent)"
+                ),
+            });
+        }
+        held.insert(epoch);
+        Ok(())
+    }
+
     /// Waits for `bytes` of room in the writer's queue (a batch larger than the whole queue
     /// takes all of it); the room is given back when the writer has answered.
     async fn room(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, LogError> {
@@ -442,6 +485,9 @@ impl Drop for NodeLog {
         }
     }
 }
+
+/// Epochs of one origin a node takes from uplinks, at most.
+pub const MAX_EPOCHS_PER_ORIGIN: usize = 10_000;
 
 /// Bytes of ingests and replica batches the writer's queue holds at most.
 pub const MAX_QUEUED_BYTES: usize = 256 << 20;
@@ -596,5 +642,44 @@ mod tests {
                 .stored,
             1
         );
+    }
+
+    #[tokio::test]
+    async fn an_origin_gets_at_most_max_epochs_per_origin_and_keeps_them_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = NodeLog::open(dir.path(), "node-a", 256 << 20, Sync::None).unwrap();
+            let mut pending = Vec::new();
+            for epoch in 1..=MAX_EPOCHS_PER_ORIGIN as u64 {
+                pending.push(
+                    log.submit("gw-1".into(), epoch, vec![event(1)], vec![], vec![])
+                        .await
+                        .unwrap(),
+                );
+            }
+            for p in pending {
+                wait_commit(p).await.unwrap();
+            }
+            let err = log
+                .submit("gw-1".into(), 999_999, vec![event(1)], vec![], vec![])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, LogError::Refused { code, .. } if *code == ErrorCode::LIMIT_EXCEEDED),
+                "{err}"
+            );
+            // Known epochs and other origins go on.
+            log.ingest("gw-1".into(), 7, vec![event(2)], vec![])
+                .await
+                .unwrap();
+            log.ingest("gw-2".into(), 999_999, vec![event(1)], vec![])
+                .await
+                .unwrap();
+        }
+        let log = NodeLog::open(dir.path(), "node-a", 256 << 20, Sync::None).unwrap();
+        assert!(log
+            .submit("gw-1".into(), 1_000_001, vec![event(1)], vec![], vec![])
+            .await
+            .is_err());
     }
 }
