@@ -321,6 +321,7 @@ async fn a_huge_first_frame_is_refused_at_its_length_before_any_access_check() {
         assert_eq!(closed_with(&conn).await, ErrorCode::FRAME_TOO_LARGE);
     }
     let after = node.rss_anon_mib();
+    eprintln!("node RssAnon before the attack {before} MiB, after {after} MiB");
     assert!(
         after <= before + 16,
         "RssAnon grew from {before} to {after} MiB"
