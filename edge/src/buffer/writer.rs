@@ -84,13 +84,26 @@ impl Handle {
         self.metrics
             .bytes_in
             .fetch_add((ev.topic.len() + ev.payload.len()) as u64, Relaxed);
-        // A plain thread waits here (the broker's tap). `unconstrained`: tokio's cooperative
-        // budget must not apply outside a task, or a caller on a runtime thread would spin.
-        let wait = tokio::task::unconstrained(self.room(incoming_bytes(&ev)));
-        let room = futures_executor::block_on(wait)?;
+        let bytes = incoming_bytes(&ev);
+        let room = match self.try_room(bytes) {
+            Some(room) => room,
+            None => {
+                // A plain thread waits here (the broker's tap). `unconstrained`: tokio's
+                // cooperative budget must not apply outside a task, or a caller on a runtime
+                // thread would spin.
+                let wait = tokio::task::unconstrained(self.room(bytes));
+                futures_executor::block_on(wait)?
+            }
+        };
         self.tx
             .send(Command::Append(ev, None, room))
             .map_err(|_| BufferError::Closed)
+    }
+
+    /// Room for `bytes` in the queue if there is some now.
+    fn try_room(&self, bytes: u64) -> Option<Room> {
+        let n = bytes.clamp(1, u64::from(self.room_cap.max(1))) as u32;
+        self.room.clone().try_acquire_many_owned(n).ok()
     }
 
     /// Room for `bytes` in the queue; waits while the queue holds its `queue_bytes`.
