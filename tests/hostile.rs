@@ -712,25 +712,36 @@ fn a_silent_keep_alive_zero_client_is_closed_after_the_idle_timeout() {
     assert_eq!(ack, [0x20, 2, 0, 0]);
     let (mut talker, ack) = open(durable, &connect_packet(4, "talker", true, 0, None), 4);
     assert_eq!(ack, [0x20, 2, 0, 0]);
+    // The talker speaks while the silent one is watched (100 ms reads) until it is closed.
     let t = std::time::Instant::now();
-    for pkid in 1..=6u16 {
+    silent
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut pkid = 0u16;
+    loop {
+        pkid += 1;
         talker
             .write_all(&publish_qos(4, 1, false, pkid, b"site/talk", b"hi"))
             .unwrap();
         assert_eq!(read_n(&mut talker, 4), [0x40, 2, 0, pkid as u8]);
-        // Pacing, not waiting: the talker speaks every 250 ms across the 700 ms limit.
-        std::thread::sleep(Duration::from_millis(250));
+        if closed_by_server(&mut silent) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the silent client was never closed"
+        );
     }
     assert!(
-        closed_by_server(&mut silent),
-        "the silent client was closed"
+        t.elapsed() >= Duration::from_millis(700),
+        "not before its idle limit"
     );
-    assert!(t.elapsed() < Duration::from_secs(10));
     // The talker outlived the silent one's limit and is still served.
+    pkid += 1;
     talker
-        .write_all(&publish_qos(4, 1, false, 7, b"site/talk", b"hi"))
+        .write_all(&publish_qos(4, 1, false, pkid, b"site/talk", b"hi"))
         .unwrap();
-    assert_eq!(read_n(&mut talker, 4), [0x40, 2, 0, 7]);
+    assert_eq!(read_n(&mut talker, 4), [0x40, 2, 0, pkid as u8]);
     let health = http_get_blocking(http, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
@@ -786,4 +797,43 @@ fn qos2_state_of_one_client_is_capped() {
     assert_eq!(read_n(&mut other, 4), [0x50, 2, 0, 1]);
     let health = http_get_blocking(http, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
+
+/// `node.max_connections` holds before the handshake: with a cap of 2 a third connection is
+/// refused (whoever asks), the two keep working, and a new one is admitted once one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_total_cap_are_refused_before_the_handshake() {
+    let node = Node::start_with("max_connections = 2");
+    let a = node.dial("gw-1").await;
+    let b = node.dial("analytics").await;
+    let refused = dial(
+        &node.certs(),
+        "gw-2",
+        &node.certs().join("ca.pem"),
+        node.addr,
+        "node-a",
+    )
+    .await;
+    assert!(refused.is_err(), "a third connection is refused");
+    let (_send, _reader, welcome) = hello(&a, "gw-1", Role::Uplink).await;
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    let (_send, _reader, welcome) = hello(&b, "analytics", Role::Consumer).await;
+    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+    a.close(0u32.into(), b"bye");
+    b.close(0u32.into(), b"bye");
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let again = dial(
+            &node.certs(),
+            "gw-2",
+            &node.certs().join("ca.pem"),
+            node.addr,
+            "node-a",
+        )
+        .await;
+        if again.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "never admitted again");
+    }
 }

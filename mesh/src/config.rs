@@ -450,6 +450,43 @@ mod tests {
     }
 
     #[test]
+    fn an_event_size_that_cannot_fit_a_frame_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["ca.pem", "node-a.pem", "node-a.key"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let d = dir.path().display();
+        let base = format!(
+            "[node]\nid = \"node-a\"\ndata_dir = \"{d}/x\"\nlisten = \"127.0.0.1:0\"\n\
+             ca = \"{d}/ca.pem\"\ncert = \"{d}/node-a.pem\"\nkey = \"{d}/node-a.key\"\n"
+        );
+        // The event plus 64 KiB of framing must fit the node's frame and 64 MiB.
+        for bad in [
+            "max_event_bytes = \"16MiB\"\nmax_frame_bytes = \"16MiB\"",
+            "max_event_bytes = \"64MiB\"\nmax_frame_bytes = \"256MiB\"",
+        ] {
+            let err = NodeConfig::from_toml(&format!("{base}{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("node.max_event_bytes"), "{err}");
+        }
+        for bad in [
+            "hello_timeout = \"0s\"",
+            "max_connections = 0",
+            "max_connections_per_identity = 0",
+        ] {
+            let err = NodeConfig::from_toml(&format!("{base}{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("node."), "{err}");
+        }
+        NodeConfig::from_toml(&format!(
+            "{base}max_event_bytes = \"8MiB\"\nmax_frame_bytes = \"16MiB\"\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
     fn bad_filters_and_missing_files_name_their_key() {
         let mut cfg: NodeConfig = toml::from_str(DEFAULT_TOML).unwrap();
         let err = cfg.validate().unwrap_err().to_string();

@@ -72,18 +72,8 @@ pub(super) async fn uplink(
             }
             continue;
         }
-        // A gap from the wire is checked before it can reach a range set: an empty, reversed
-        // or absurd range refuses the batch.
-        if let Some(why) = gaps.iter().find_map(|g| g.validate().err()) {
-            if tx
-                .send(AckItem::Refused(id, ErrorCode::INVALID_GAP, why))
-                .await
-                .is_err()
-            {
-                break;
-            }
-            continue;
-        }
+        // Gap records are checked by the log API (`NodeLog::submit`): an empty, reversed or
+        // absurd range refuses the batch with INVALID_GAP below.
         let mut rejected = Vec::new();
         let mut refused_topics = std::collections::HashMap::new();
         let mut accepted = Vec::with_capacity(events.len());
